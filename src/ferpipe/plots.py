@@ -1,0 +1,72 @@
+"""Matplotlib figures; every function returns a Figure for outputs.save_figure."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import EMOTIONS  # noqa: E402
+
+
+def class_distribution(counts):
+    usages = [u for u in counts if u != "Unlabelled"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(usages))
+    x = np.arange(len(EMOTIONS))
+    for i, usage in enumerate(usages):
+        vals = [counts[usage].get(e, 0) for e in EMOTIONS]
+        bars = ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=usage)
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(x, EMOTIONS)
+    ax.set_ylabel("faces")
+    title = "Faces per class"
+    if "Unlabelled" in counts:
+        title += f" (plus {counts['Unlabelled']['total']} unlabelled)"
+    ax.set_title(title)
+    ax.legend()
+    return fig
+
+
+def training_curves(histories):
+    """histories: {name: DataFrame with epoch, train/val loss and accuracy, lr}."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name, h in histories.items():
+        axes[0].plot(h["epoch"], h["train_loss"], label=f"{name} train")
+        axes[0].plot(h["epoch"], h["val_loss"], "--", label=f"{name} val")
+        axes[1].plot(h["epoch"], h["train_accuracy"], label=f"{name} train")
+        axes[1].plot(h["epoch"], h["val_accuracy"], "--", label=f"{name} val")
+        axes[2].plot(h["epoch"], h["lr"], label=name)
+    for ax, title in zip(axes, ("loss", "accuracy", "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def confusion_heatmap(cm, title):
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(cm)):
+        for j in range(len(cm)):
+            ax.text(j, i, f"{norm[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=45)
+    ax.set_yticks(range(len(EMOTIONS)), EMOTIONS)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return fig
+
+
+def face_grid(images, captions, title, cols=8):
+    rows = max(1, int(np.ceil(len(images) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.65), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, cap in zip(axes.flat, images, captions):
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(cap, fontsize=7)
+    fig.suptitle(title)
+    return fig

@@ -1,0 +1,294 @@
+"""The training loop shared by the CNN and the DNN stages.
+
+Read top to bottom: set up the optimiser and schedule, then for each epoch shuffle,
+augment a batch, step, evaluate on validation, keep the best weights, checkpoint.
+A checkpoint holding everything needed to continue (model, optimiser, schedule, random
+states, history) is written atomically after every epoch, so a killed run resumes where
+it stopped and ends exactly as an uninterrupted one would.
+"""
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import NUM_CLASSES, augment
+from .errors import FerPipeError
+from .infer import autocast, channels_last, pick_device, predict_proba, set_threads, to_float
+from .files import save_torch
+from .params import boolean, choice, integer, number, section
+
+SCHEMA = {
+    "epochs": integer(lo=1),
+    "batch_size": integer(lo=1),
+    "optimizer": choice("sgd", "adam", "adamw", "adadelta"),
+    "lr": number(lo=0.0, lo_open=True),
+    "momentum": number(lo=0.0, hi=1.0, hi_open=True),
+    "nesterov": boolean(),
+    "weight_decay": number(lo=0.0),
+    "schedule": choice("onecycle", "cosine", "step", "constant"),
+    "warmup_epochs": number(lo=0.0),
+    "step_epochs": integer(lo=1),
+    "step_gamma": number(lo=0.0, hi=1.0, lo_open=True),
+    "label_smoothing": number(lo=0.0, hi=1.0, hi_open=True),
+    "class_weights": choice("none", "balanced", "sqrt"),
+    "mixup_alpha": number(lo=0.0),
+    "cutmix_alpha": number(lo=0.0),
+    "early_stopping": integer(lo=0),
+    "seed": integer(lo=0),
+    "device": choice("auto", "cpu", "cuda"),
+    "threads": integer(lo=0),
+    "precision": choice("bf16", "fp32"),
+    "crop": augment.CROP,
+    "augment": section(augment.SCHEMA),
+    "eval_batch_size": integer(lo=1),
+    "log_seconds": number(lo=1.0),
+}
+
+
+def setup(cfg):
+    """Threads, seed and device, before any model is built (the seed fixes its init)."""
+    set_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"])
+    return pick_device(cfg["device"])
+
+
+def class_weights(labels, mode):
+    if mode == "none":
+        return None
+    counts = np.bincount(labels, minlength=NUM_CLASSES).astype(np.float64)
+    w = len(labels) / (NUM_CLASSES * np.maximum(counts, 1))
+    if mode == "sqrt":
+        w = np.sqrt(w)
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+def make_optimizer(model, cfg):
+    # Weight decay on weights only: decaying biases and norm scales just hurts.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
+              {"params": rest, "weight_decay": 0.0}]
+    name, lr = cfg["optimizer"], cfg["lr"]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"],
+                               nesterov=cfg["nesterov"] and cfg["momentum"] > 0)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.Adadelta(groups, lr=lr)
+
+
+def make_schedule(opt, cfg, steps_per_epoch):
+    total = cfg["epochs"] * steps_per_epoch
+    warm = min(int(cfg["warmup_epochs"] * steps_per_epoch), total - 1)
+    if cfg["schedule"] == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg["lr"], total_steps=total, pct_start=max(warm, 1) / total,
+            cycle_momentum=cfg["optimizer"] == "sgd" and cfg["momentum"] > 0)
+    if cfg["schedule"] == "cosine":
+        def factor(step):
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    elif cfg["schedule"] == "step":
+        def factor(step):
+            return cfg["step_gamma"] ** (step // (cfg["step_epochs"] * steps_per_epoch))
+    else:
+        def factor(step):
+            return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def mix_batch(x, y, cfg, gen):
+    """Mixup or CutMix (chosen at random when both are on); returns x, y_a, y_b, lam."""
+    modes = [m for m in ("mixup", "cutmix") if cfg[f"{m}_alpha"] > 0]
+    if not modes:
+        return x, y, y, 1.0
+    mode = modes[int(torch.randint(len(modes), (1,), generator=gen))]
+    alpha = cfg[f"{mode}_alpha"]
+    # torch's Beta sampler ignores generators; seed numpy's from ours to stay resumable.
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen))).beta(alpha, alpha))
+    perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    if mode == "mixup":
+        return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+    h, w = x.shape[-2:]
+    ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = (int(torch.randint(h, (1,), generator=gen)), int(torch.randint(w, (1,), generator=gen)))
+    y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    x = x.clone()
+    x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    return x, y, y[perm], lam
+
+
+def fingerprint(*parts):
+    """Identifies a run's inputs, so a checkpoint from other params or data is never resumed."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.tobytes() if isinstance(p, np.ndarray) else json.dumps(p, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=None, run_id=""):
+    """Train `model` in place; return the best-on-validation state dict and a record."""
+    model.norm.mean.fill_(float(train_x.mean()) / 255.0)
+    model.norm.std.fill_(float(train_x.std()) / 255.0)
+    model.to(device).to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
+    x_all = torch.as_tensor(train_x).to(device)  # uint8 in memory: 4x smaller than floats
+    y_all = torch.as_tensor(train_y.astype(np.int64)).to(device)
+    n, bs = len(train_y), cfg["batch_size"]
+    steps_per_epoch = max(1, n // bs)  # drop the ragged last batch: BN dislikes tiny batches
+    opt = make_optimizer(model, cfg)
+    sched = make_schedule(opt, cfg, steps_per_epoch)
+    weight = class_weights(train_y, cfg["class_weights"])
+    weight = weight.to(device) if weight is not None else None
+    gen = torch.Generator().manual_seed(cfg["seed"])
+
+    state = {"epoch": 0, "history": [], "best_acc": -1.0, "best_epoch": 0, "best_state": None,
+             "bad_epochs": 0, "train_seconds": 0.0, "compute_seconds": 0.0}
+    if resume_path and Path(resume_path).exists():
+        ckpt = torch.load(resume_path, map_location=device, weights_only=True)
+        if ckpt.get("run_id") == run_id:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            gen.set_state(ckpt["gen"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            state = ckpt["state"]
+            print(f"[{name}] resuming from the checkpoint after epoch {state['epoch']} "
+                  f"({resume_path})", flush=True)
+        else:
+            print(f"[{name}] ignoring {resume_path}: it belongs to other params or data", flush=True)
+
+    for epoch in range(state["epoch"] + 1, cfg["epochs"] + 1):
+        model.train()
+        t0 = time.perf_counter()
+        compute = 0.0
+        loss_sum = correct = seen = 0
+        last_log = t0
+        perm = torch.randperm(n, generator=gen).to(device)
+        for step in range(steps_per_epoch):
+            idx = perm[step * bs:(step + 1) * bs]
+            x = augment.random_views(x_all[idx].unsqueeze(1).float().div_(255.0),
+                                     cfg["augment"], cfg["crop"], gen)
+            y = y_all[idx]
+            x, y_a, y_b, lam = mix_batch(x, y, cfg, gen)
+            x = channels_last(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tc = time.perf_counter()
+            with autocast(device, cfg["precision"]):
+                logits = model(x)
+            logits = logits.float()
+            loss = lam * F.cross_entropy(logits, y_a, weight=weight,
+                                         label_smoothing=cfg["label_smoothing"])
+            if lam < 1.0:
+                loss = loss + (1 - lam) * F.cross_entropy(logits, y_b, weight=weight,
+                                                          label_smoothing=cfg["label_smoothing"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            compute += time.perf_counter() - tc
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y_a).sum())
+            seen += len(y)
+            now = time.perf_counter()
+            if now - last_log >= cfg["log_seconds"]:
+                left = (now - t0) / (step + 1) * (steps_per_epoch - step - 1)
+                print(f"[{name}] epoch {epoch}/{cfg['epochs']} batch {step + 1}/{steps_per_epoch} "
+                      f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f} "
+                      f"epoch left {left:.0f}s", flush=True)
+                last_log = now
+        train_time = time.perf_counter() - t0
+
+        probs = predict_proba(model, val_x, cfg["crop"], "none", cfg["eval_batch_size"],
+                              cfg["precision"], device)
+        val_y_t = torch.as_tensor(val_y.astype(np.int64))
+        val_loss = float(F.nll_loss(torch.log(torch.as_tensor(probs).clamp_min(1e-12)), val_y_t))
+        val_acc = float((probs.argmax(1) == val_y).mean())
+        epoch_time = time.perf_counter() - t0
+
+        state["epoch"] = epoch
+        state["train_seconds"] += train_time
+        state["compute_seconds"] += compute
+        state["history"].append({
+            "epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+            "val_loss": val_loss, "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"],
+            "seconds": epoch_time, "images_per_second": seen / train_time})
+        if val_acc > state["best_acc"]:
+            state.update(best_acc=val_acc, best_epoch=epoch, bad_epochs=0,
+                         best_state={k: v.detach().clone().cpu() for k, v in model.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        done_epochs = len(state["history"])
+        eta = sum(h["seconds"] for h in state["history"]) / done_epochs * (cfg["epochs"] - epoch)
+        print(f"[{name}] epoch {epoch}/{cfg['epochs']} train loss {loss_sum / seen:.4f} "
+              f"acc {correct / seen:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} "
+              f"(best {state['best_acc']:.4f} @ {state['best_epoch']}) | "
+              f"lr {opt.param_groups[0]['lr']:.2e} | {epoch_time:.0f}s, {seen / train_time:.0f} img/s, "
+              f"left ~{eta / 60:.1f} min", flush=True)
+        stop = cfg["early_stopping"] and state["bad_epochs"] >= cfg["early_stopping"]
+        if resume_path:
+            save_torch(resume_path, {
+                "run_id": run_id, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "state": state})
+        if stop:
+            print(f"[{name}] early stop: no better validation accuracy for "
+                  f"{cfg['early_stopping']} epochs", flush=True)
+            break
+
+    if state["best_state"] is None:
+        raise FerPipeError(f"[{name}] training produced no epoch; check train.epochs")
+    hist = state["history"]
+    record = {
+        "best_val_accuracy": state["best_acc"],
+        "best_epoch": state["best_epoch"],
+        "epochs": len(hist),
+        "stopped_early": len(hist) < cfg["epochs"],
+        "seconds_per_epoch": sum(h["seconds"] for h in hist) / len(hist),
+        "images_per_second": steps_per_epoch * bs * len(hist) / state["train_seconds"],
+        "train_minutes": sum(h["seconds"] for h in hist) / 60,
+        "data_time_share": 1 - state["compute_seconds"] / state["train_seconds"],
+        "device": device.type,
+    }
+    return state["best_state"], hist, record
+
+
+def run(kind, model, config, splits, cfg, device, out_model, out_metrics, out_history,
+        out_summary, resume_path):
+    """Everything a training stage does after building its model: summarise, fit, save."""
+    import pandas as pd
+
+    from .models import checkpoint, count_params, format_summary, summary
+    from .files import write_csv, write_json, write_text
+
+    n_params = count_params(model)
+    table = format_summary(summary(model, cfg["crop"]), f"{kind.upper()} ({n_params:,} parameters, "
+                                                        f"input 1x{cfg['crop']}x{cfg['crop']})")
+    print(table, flush=True)
+    run_id = fingerprint(kind, config, cfg, splits["train_y"], splits["val_y"],
+                         splits["train_x"][:, ::7, ::7])
+    best, hist, record = fit(model, splits["train_x"], splits["train_y"], splits["val_x"],
+                             splits["val_y"], cfg, device, kind, resume_path, run_id)
+    model.load_state_dict(best)
+    meta = {"best_epoch": record["best_epoch"], "best_val_accuracy": record["best_val_accuracy"],
+            "crop": cfg["crop"], "precision": cfg["precision"]}
+    save_torch(out_model, checkpoint(model, kind, config, cfg["crop"], meta))
+    write_json(out_metrics, {"params": n_params, **record, "threads": torch.get_num_threads(),
+                             "precision": cfg["precision"], "batch_size": cfg["batch_size"]})
+    write_csv(out_history, pd.DataFrame(hist))
+    write_text(out_summary, table)
+    if resume_path:
+        Path(resume_path).unlink(missing_ok=True)  # finished: a later run must start afresh
+    print(f"[{kind}] best validation accuracy {record['best_val_accuracy']:.4f} at epoch "
+          f"{record['best_epoch']}; saved {out_model}", flush=True)

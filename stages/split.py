@@ -1,0 +1,22 @@
+"""Stage split: a stratified, seeded validation set carved from Training; PublicTest is the
+test set, PrivateTest (when present) a second one, unlabelled faces are kept for predict."""
+from ferpipe import data, files, params
+from ferpipe.errors import run_stage
+from ferpipe.files import save_npz, write_json
+
+IN_DATA = "data/prepared/faces.npz"
+OUT_SPLITS = "data/splits.npz"
+OUT_METRICS = "metrics/split.json"
+
+
+def main():
+    p = params.load({"split": data.SPLIT_SCHEMA})["split"]
+    splits = data.split(files.load_npz(IN_DATA, "prepared faces"), p["val_fraction"], p["seed"])
+    counts = data.split_counts(splits)
+    print("split: " + ", ".join(f"{k} {v['total']}" for k, v in counts.items()), flush=True)
+    save_npz(OUT_SPLITS, **splits)
+    write_json(OUT_METRICS, counts)
+
+
+if __name__ == "__main__":
+    run_stage(main)

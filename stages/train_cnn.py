@@ -1,0 +1,24 @@
+"""Stage train_cnn: train the configurable CNN; keep the weights best on validation."""
+from ferpipe import files, models, params, train
+from ferpipe.errors import run_stage
+
+IN_SPLITS = "data/splits.npz"
+OUT_MODEL = "models/cnn.pt"
+OUT_METRICS = "metrics/train_cnn.json"
+OUT_HISTORY = "plots/train_cnn.csv"
+OUT_SUMMARY = "plots/cnn_summary.txt"
+RESUME = "checkpoints/cnn.resume.pt"
+
+
+def main():
+    p = params.load({"cnn": models.CNN_SCHEMA, "train": train.SCHEMA})
+    arch, cfg = models.resolve_cnn_config(p["cnn"]), p["train"]
+    splits = files.load_npz(IN_SPLITS, "data splits")
+    device = train.setup(cfg)
+    model = models.FerCNN(arch, cfg["crop"])
+    train.run("cnn", model, arch, splits, cfg, device, OUT_MODEL, OUT_METRICS, OUT_HISTORY,
+              OUT_SUMMARY, RESUME)
+
+
+if __name__ == "__main__":
+    run_stage(main)
