@@ -1,6 +1,6 @@
 """Stage split: a stratified, seeded validation set carved from Training; PublicTest is the
 test set, PrivateTest (when present) a second one, unlabelled faces are kept for predict."""
-from ferpipe import data, files, params
+from ferpipe import data, params
 from ferpipe.errors import run_stage
 from ferpipe.files import save_npz, write_json
 
@@ -11,7 +11,7 @@ OUT_METRICS = "metrics/split.json"
 
 def main():
     p = params.load({"split": data.SPLIT_SCHEMA})["split"]
-    splits = data.split(files.load_npz(IN_DATA, "prepared faces"), p["val_fraction"], p["seed"])
+    splits = data.split(data.load_prepared(IN_DATA), p["val_fraction"], p["seed"], IN_DATA)
     counts = data.split_counts(splits)
     print("split: " + ", ".join(f"{k} {v['total']}" for k, v in counts.items()), flush=True)
     save_npz(OUT_SPLITS, **splits)

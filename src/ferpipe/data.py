@@ -9,7 +9,9 @@ stops the stage, with on_error="skip" the row is dropped and listed.
 """
 import csv
 import io
+import math
 import re
+import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -93,11 +95,16 @@ def _open_csv(path, required):
         text = Path(path).read_bytes().decode("utf-8-sig")  # a BOM is harmless: drop it
     except UnicodeDecodeError as err:
         raise FerPipeError(f"{path}: not UTF-8 text (byte {err.start}); is this a CSV file?") from None
+    except OSError as err:
+        raise FerPipeError(f"{path}: cannot be read: {err.strerror or err}") from None
     if not text.strip():
         raise FerPipeError(f"{path}: the file is empty; expected a header line "
                            f"'{','.join(required)}' and data rows")
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in next(reader)]
+    try:
+        header = [h.strip() for h in next(reader)]
+    except csv.Error as err:
+        raise FerPipeError(f"{path}: line 1: the header cannot be read as CSV ({err})") from None
     missing = [c for c in required if c not in header]
     if missing:
         hint = ""
@@ -109,23 +116,44 @@ def _open_csv(path, required):
     return reader, {name: header.index(name) for name in required}, len(header)
 
 
+# Pixels are plain ASCII digits separated by spaces: no signs, underscores, other scripts'
+# digits or other separators, all of which int() or numpy would otherwise quietly accept.
+_PIXEL_TEXT = re.compile(r"[0-9 ]*")
+_NEGATIVE = re.compile(r"-[0-9]+")
+
+
+def _short(text, limit=20):
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _bad_pixel(text, tokens):
+    """The problem with a pixel string that is not plain digits and spaces."""
+    for i, tok in enumerate(tokens):
+        if tok.isascii() and tok.isdigit():
+            continue
+        if tok.isascii() and _NEGATIVE.fullmatch(tok):
+            return f"pixel {i + 1} is {tok}, outside 0..255"
+        return f"pixel {i + 1} is {_short(tok)}, not an integer 0..255"
+    pos = next(i for i, ch in enumerate(text) if ch not in "0123456789 ")
+    return (f"character {pos + 1} of the pixels is {text[pos]!r}; pixels must be integers "
+            "0..255 separated by spaces")
+
+
 def _parse_pixels(text):
     """Return (image, None) or (None, problem) for a space-separated pixel string."""
     tokens = text.split()
     if len(tokens) != PIXELS:
         return None, f"has {len(tokens)} pixels, expected {PIXELS} (48x48)"
+    if not (text.isascii() and _PIXEL_TEXT.fullmatch(text)):
+        return None, _bad_pixel(text, tokens)
     try:
-        if not text.isascii():  # int() would accept other scripts' digits
-            raise ValueError
         values = np.array(tokens, dtype=np.int64)
-    except (ValueError, OverflowError):
-        for i, tok in enumerate(tokens):
-            if not re.fullmatch(r"[+-]?\d{1,6}", tok):
-                return None, f"pixel {i + 1} is {tok!r}, not an integer 0..255"
-        return None, "a pixel is not an integer 0..255"
+    except (ValueError, OverflowError):  # digits too long for 64 bits
+        values = np.array([min(int(t), 2**62) for t in tokens], dtype=np.int64)
     bad = np.flatnonzero((values < 0) | (values > 255))
     if bad.size:
-        return None, f"pixel {bad[0] + 1} is {values[bad[0]]}, outside 0..255"
+        shown = tokens[bad[0]] if len(tokens[bad[0]]) <= 20 else tokens[bad[0]][:20] + "..."
+        return None, f"pixel {bad[0] + 1} is {shown}, outside 0..255"
     return values.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE), None
 
 
@@ -141,11 +169,23 @@ def _parse_label(text):
 def _rows(reader, ncols, path, problems):
     """Yield (line number, fields) for each non-blank row with the right field count."""
     empty = True
-    for fields in reader:
-        line = reader.line_num
+    while True:
+        line = reader.line_num + 1  # where the row starts: a quoted field may span lines
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            # The reader cannot resynchronise after this, so the rest of the file is lost.
+            raise FerPipeError(f"{path}: line {line}: cannot be read as CSV ({err}); "
+                               "is a quote (\") left unclosed?") from None
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue  # blank lines (a trailing newline, say) carry nothing
         empty = False
+        if reader.line_num > line:
+            problems.add(path, f"line {line}", f"the row runs on to line {reader.line_num}: "
+                         "a quote (\") is left unclosed")
+            continue
         if len(fields) != ncols:
             problems.add(path, f"line {line}", f"has {len(fields)} fields, expected {ncols} "
                          "(is the row cut short, or a field unquoted?)")
@@ -216,7 +256,11 @@ def _decode_face(data, max_pixels):
         raise ValueError("the file is empty (0 bytes)")
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own decompression-bomb guard, as a backstop
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():
+            # Pillow warns between 1x and 2x its limit; the check below refuses those anyway.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ValueError(f"image is {w}x{h}, over the limit of {max_pixels} pixels "
@@ -236,6 +280,11 @@ def _decode_face(data, max_pixels):
         raise ValueError(f"rejected as a decompression bomb: {err}") from None
     except (OSError, SyntaxError) as err:
         raise ValueError(f"cannot be decoded: {err} (truncated or corrupt JPEG?)") from None
+    except ValueError:
+        raise
+    except Exception as err:  # Pillow's parsers raise many kinds on crafted files
+        raise ValueError(f"cannot be decoded: {type(err).__name__}: {err} "
+                         "(corrupt or crafted image?)") from None
 
 
 def _usage_for(top, stem):
@@ -289,7 +338,13 @@ def read_image_zip(path, faces, problems, max_pixels):
                 problems.add(path, place, f"entry is {info.file_size} bytes uncompressed, far too "
                              "large for a 48x48 face (decompression bomb?)")
                 continue
-            _add_image(faces, problems, path, place, name, archive.read(info), max_pixels)
+            try:
+                blob = archive.read(info)
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError,
+                    ValueError) as err:  # bad CRC, encrypted, unknown compression, cut short
+                problems.add(path, place, f"cannot be read from the archive: {err}")
+                continue
+            _add_image(faces, problems, path, place, name, blob, max_pixels)
 
 
 def read_image_folder(root, faces, problems, max_pixels):
@@ -299,7 +354,16 @@ def read_image_folder(root, faces, problems, max_pixels):
         if _image_entry(name) is None:
             faces.ignored_files += 1
             continue
-        _add_image(faces, problems, file, "image", name, file.read_bytes(), max_pixels)
+        try:
+            if file.stat().st_size > max_pixels * 8:
+                problems.add(file, "image", f"file is {file.stat().st_size} bytes, far too "
+                             "large for a 48x48 face (decompression bomb?)")
+                continue
+            blob = file.read_bytes()
+        except OSError as err:
+            problems.add(file, "image", f"cannot be read: {err.strerror or err}")
+            continue
+        _add_image(faces, problems, file, "image", name, blob, max_pixels)
 
 
 # ---------------------------------------------------------------- detection
@@ -352,8 +416,11 @@ def read_raw(raw, on_error="stop", max_image_pixels=PIXELS * 16):
             f"prepare.on_error: skip to leave them out:\n{problems.describe()}")
     arrays = faces.arrays()
     if len(arrays["labels"]) == 0:
-        raise FerPipeError(f"{raw}: no usable faces found (form {form}). Accepted forms:\n"
-                           f"{ACCEPTED_FORMS}")
+        where = ", ".join(str(f) for f in files if f is not None)
+        why = (f"all {len(problems)} row(s) or image(s) were bad and skipped"
+               if problems else "it holds no faces")
+        raise FerPipeError(f"{where}: no usable faces found (form {form}): {why}. "
+                           f"Accepted forms:\n{ACCEPTED_FORMS}")
     report = {
         "form": form,
         "files": [str(f) for f in files if f is not None],
@@ -384,17 +451,52 @@ def count_by_usage(arrays):
 
 # ---------------------------------------------------------------- prepared data and splits
 
-def split(arrays, val_fraction, seed):
-    """Stratified, seeded validation split carved from Training; the test sets stay as they are."""
+def load_prepared(path):
+    """Read the prepare stage's array file, refusing one that is corrupt or not its own."""
+    from .files import load_npz
+
+    def bad(problem):
+        return FerPipeError(f"{path}: {problem}; it was not written by this version's prepare "
+                            "stage: run prepare again (dvc repro prepare)")
+
+    try:
+        arrays = load_npz(path, "prepared faces")
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise bad(f"cannot be read as an array file ({type(err).__name__}: {err})") from None
+    missing = [k for k in ("images", "labels", "usage", "ids") if k not in arrays]
+    if missing:
+        raise bad(f"has no '{missing[0]}' array")
+    images, n = arrays["images"], len(arrays["images"])
+    if images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise bad(f"'images' is {images.dtype} of shape {images.shape}, expected uint8 "
+                  f"(N, {IMAGE_SIZE}, {IMAGE_SIZE})")
+    for key in ("labels", "usage", "ids"):
+        if arrays[key].shape != (n,):
+            raise bad(f"'{key}' has shape {arrays[key].shape}, expected ({n},) like 'images'")
+    for key, lo, hi in (("labels", UNLABELLED, len(EMOTIONS) - 1), ("usage", 0, len(USAGES) - 1)):
+        values = arrays[key]
+        if values.dtype.kind not in "iu" or (n and (values.min() < lo or values.max() > hi)):
+            raise bad(f"'{key}' holds values outside {lo}..{hi}")
+    return arrays
+
+
+def split(arrays, val_fraction, seed, source=None):
+    """Stratified, seeded validation split carved from Training; the test sets stay as they are.
+    `source` names the file the arrays came from, for error messages."""
     from sklearn.model_selection import train_test_split
 
     usage, labels = arrays["usage"], arrays["labels"]
     train_idx = np.flatnonzero(usage == USAGES.index("Training"))
     if train_idx.size < 2 * len(EMOTIONS):
-        raise FerPipeError(f"only {train_idx.size} Training faces: too few to carve a validation set")
+        raise FerPipeError(f"{source or 'the prepared data'}: only {train_idx.size} Training faces: "
+                           f"too few to carve a validation set (need at least {2 * len(EMOTIONS)})")
     counts = np.bincount(labels[train_idx], minlength=len(EMOTIONS))
-    # Stratify only when every class can give a face to both sides.
-    stratify = labels[train_idx] if counts[counts > 0].min() >= 2 else None
+    # Stratify only when every class can give a face to both sides, and both sides (sized
+    # as train_test_split sizes them) have room for one face of every class.
+    n_val = math.ceil(val_fraction * train_idx.size)
+    n_classes = int((counts > 0).sum())
+    stratify = (labels[train_idx] if counts[counts > 0].min() >= 2
+                and min(n_val, train_idx.size - n_val) >= n_classes else None)
     tr, va = train_test_split(train_idx, test_size=val_fraction, random_state=seed,
                               shuffle=True, stratify=stratify)
     parts = {"train": np.sort(tr), "val": np.sort(va)}

@@ -70,3 +70,11 @@ def face_grid(images, captions, title, cols=8):
         ax.set_title(cap, fontsize=7)
     fig.suptitle(title)
     return fig
+
+
+def message(text):
+    """A figure that says why there is nothing to draw, in place of one that would be empty."""
+    fig, ax = plt.subplots(figsize=(5, 2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    return fig

@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` (synthetic data, a few minutes) and
+# `make test`. `make run` runs the real pipeline on FER2013 in data/raw/.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+SHARED_ZIP := ../shared/data/fer2013-train-publictest.zip
+
+.PHONY: install test demo run data clean-demo
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m ferpipe.demo
+
+# Link the shared FER2013 archive into data/raw/ when it is there and nothing else is.
+data:
+	mkdir -p data/raw
+	@if [ -z "$$(ls -A data/raw)" ] && [ -f $(SHARED_ZIP) ]; then \
+		ln -s ../../$(SHARED_ZIP) data/raw/ && echo "linked $(SHARED_ZIP) into data/raw/"; fi
+
+run: install data
+	dvc repro
+
+clean-demo:
+	rm -rf demo

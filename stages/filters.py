@@ -1,0 +1,42 @@
+"""Stage filters: what the CNN's filters respond to. Gradient ascent on the input (from
+noise and from a real face) for the first filters of chosen layers, the feature maps of one
+face, the first convolution's kernels and the DNN's first-layer weights as images."""
+from ferpipe import explain, files, infer, models, params
+from ferpipe.errors import run_stage
+from ferpipe.files import save_figure, write_json
+
+IN_SPLITS = "data/splits.npz"
+IN_CNN = "models/cnn.pt"
+IN_DNN = "models/dnn.pt"
+OUT_FROM_NOISE = "plots/filters_from_noise.png"
+OUT_FROM_FACE = "plots/filters_from_face.png"
+OUT_FEATURE_MAPS = "plots/feature_maps.png"
+OUT_KERNELS = "plots/conv1_kernels.png"
+OUT_DNN_WEIGHTS = "plots/dnn_first_layer.png"
+OUT_METRICS = "metrics/filters.json"
+
+
+def main():
+    p = params.load({"filters": explain.FILTERS_SCHEMA})["filters"]
+    splits = files.load_npz(IN_SPLITS, "data splits")
+    device = infer.pick_device("auto")
+    cnn, cnn_ckpt = models.load(IN_CNN, device)
+    dnn, _ = models.load(IN_DNN, device)
+    res = explain.filters_study(cnn, cnn_ckpt["input_size"], dnn, splits["val_x"],
+                                splits["val_y"], p)
+    save_figure(OUT_FROM_NOISE, explain.filters_figure(res, "noise"))
+    save_figure(OUT_FROM_FACE, explain.filters_figure(res, "face"))
+    save_figure(OUT_FEATURE_MAPS, explain.feature_maps_figure(res))
+    save_figure(OUT_KERNELS, explain.kernels_figure(res))
+    save_figure(OUT_DNN_WEIGHTS, explain.dnn_weights_figure(res))
+    metrics = explain.filters_metrics(res)
+    write_json(OUT_METRICS, metrics)
+    print("filters: " + "; ".join(
+        f"{name}: {m['filters']} filters, mean activation {m['noise']['start']:.2f} -> "
+        f"{m['noise']['reached']:.2f} from noise, {m['face']['start']:.2f} -> "
+        f"{m['face']['reached']:.2f} from a face" for name, m in metrics["layers"].items()),
+        flush=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,36 @@
+"""Stage saliency: where the CNN looks. Vanilla gradient, SmoothGrad and Grad-CAM maps on
+chosen validation faces, the same faces through the DNN, and class-average maps over the
+whole validation split."""
+from ferpipe import explain, files, infer, models, params
+from ferpipe.errors import run_stage
+from ferpipe.files import save_figure, write_json
+
+IN_SPLITS = "data/splits.npz"
+IN_CNN = "models/cnn.pt"
+IN_DNN = "models/dnn.pt"
+OUT_FACES = "plots/saliency_faces.png"
+OUT_CNN_VS_DNN = "plots/saliency_cnn_vs_dnn.png"
+OUT_CLASS_AVERAGE = "plots/saliency_class_average.png"
+OUT_METRICS = "metrics/saliency.json"
+
+
+def main():
+    p = params.load({"saliency": explain.SALIENCY_SCHEMA})["saliency"]
+    splits = files.load_npz(IN_SPLITS, "data splits")
+    device = infer.pick_device("auto")
+    cnn, cnn_ckpt = models.load(IN_CNN, device)
+    dnn, dnn_ckpt = models.load(IN_DNN, device)
+    res = explain.saliency_study(cnn, cnn_ckpt["input_size"], dnn, dnn_ckpt["input_size"],
+                                 splits["val_x"], splits["val_y"], p)
+    save_figure(OUT_FACES, explain.saliency_faces_figure(res))
+    save_figure(OUT_CNN_VS_DNN, explain.model_comparison_figure(res))
+    save_figure(OUT_CLASS_AVERAGE, explain.class_average_figure(res))
+    metrics = explain.saliency_metrics(res)
+    write_json(OUT_METRICS, metrics)
+    print(f"saliency: {metrics['faces_shown']} faces explained, class averages over "
+          f"{len(splits['val_y'])} validation faces; Grad-CAM at {res['gradcam_layer']}; "
+          f"wrote {OUT_FACES}, {OUT_CNN_VS_DNN}, {OUT_CLASS_AVERAGE}", flush=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,237 @@
+"""Saliency and filter visualisation: maps land where the answer comes from, gradient ascent
+raises the filter it targets, figures have their panels, bad layer names are clear errors,
+and both stages run end to end."""
+import json
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from ferpipe import EMOTIONS, explain, models, synthetic
+from ferpipe.errors import FerPipeError
+from ferpipe.files import save_npz, save_torch
+
+from conftest import TINY_CNN
+
+torch.set_num_threads(1)
+
+CROP = 40
+BOX = (slice(4, 16), slice(22, 36))  # off-centre, so "looks at the middle" cannot pass by luck
+ARCH = {"preset": "custom", "kernel": 3, "batch_norm": True, "residual": False,
+        "activation": "relu", "pooling": "max", "block_dropout": 0.0, "global_pool": "avg",
+        "head_dropout": 0.0, **TINY_CNN}
+DNN = {"hidden_layers": 1, "taper": 0.5, "batch_norm": True, "activation": "relu",
+       "dropout": 0.0, "tolerance": 0.05, "widths": [24]}
+SALIENCY = {"per_class": 2, "misclassified": 1, "target": "predicted", "seed": 0,
+            "percentile": 99.0, "threshold": 0.25, "smoothgrad_samples": 4,
+            "smoothgrad_noise": 0.15, "gradcam_layer": "last", "centre": 0.5, "batch_size": 16}
+FILTERS = {"layers": ["features.block1.conv1", "features.block2.conv1"], "filters": 4,
+           "steps": 25, "step_size": 0.1, "l2_decay": 0.001, "blur_sigma": 0.5, "blur_every": 4,
+           "jitter": 1, "seed": 0, "face": 1, "feature_maps": 5, "dnn_units": 6}
+
+
+class RegionNet(nn.Module):
+    """Class scores that depend only on the pixels inside BOX: the input is masked before a
+    bias-free convolution, so feature maps outside BOX (and its 1 px rim) are exactly zero.
+    Class 3's score grows with every channel, so its Grad-CAM cannot vanish."""
+
+    def __init__(self):
+        super().__init__()
+        mask = torch.zeros(1, 1, CROP, CROP)
+        mask[..., BOX[0], BOX[1]] = 1
+        self.register_buffer("mask", mask)
+        self.features = nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 6, 3, padding=1, bias=False),
+                                                  act=nn.ReLU()))
+        self.head = nn.Linear(6, len(EMOTIONS))
+        with torch.no_grad():
+            self.features.conv.weight.copy_(torch.randn(6, 1, 3, 3, generator=torch.Generator().manual_seed(0)))
+            self.head.weight[3] = 1.0
+
+    def forward(self, x):
+        return self.head(self.features(x * self.mask).mean((2, 3)))
+
+
+def box_share(maps, rim=0):
+    """Share of each map's mass inside BOX widened by `rim` pixels."""
+    r, c = BOX
+    inside = maps[:, max(0, r.start - rim):r.stop + rim, max(0, c.start - rim):c.stop + rim]
+    return inside.sum((1, 2)) / maps.sum((1, 2))
+
+
+@pytest.fixture(scope="module")
+def faces():
+    x, y = synthetic.make_faces(3, seed=5)
+    return x, y.astype(np.int8)
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    cnn = models.FerCNN(ARCH, CROP).eval()
+    dnn = models.build("dnn", DNN, CROP).eval()
+    return cnn, dnn
+
+
+def test_saliency_and_gradcam_land_in_the_region_the_answer_comes_from(faces):
+    net = RegionNet().eval()
+    x = explain.model_input(faces[0][:8], CROP, torch.device("cpu"))
+    target = torch.full((8,), 3)
+    van, _ = explain.vanilla(net, x, target)
+    smooth = explain.smoothgrad(net, x, target, 4, 0.2, 16, torch.Generator().manual_seed(0))
+    cam = explain.gradcam(net, net.features.act, x, target)
+    assert van.shape == smooth.shape == cam.shape == (8, CROP, CROP)
+    for maps in (van, smooth, cam):
+        assert maps.min() >= 0 and maps.max() <= 1 and (maps.flatten(1).amax(1) > 0).all()
+    assert (box_share(van) > 0.999).all() and (box_share(smooth) > 0.999).all()
+    # Grad-CAM works on feature maps, which reach one pixel past the box (the 3x3 kernel).
+    assert (box_share(cam, rim=1) > 0.999).all() and (box_share(cam) > 0.6).all()
+    # The face's own pixels never leak: the same maps whatever lies outside the box.
+    other = x.clone()
+    other[..., 30:, :10] = torch.rand(8, 1, 10, 10)
+    torch.testing.assert_close(explain.vanilla(net, other, target)[0], van)
+    assert explain.last_conv_layer(net) == "features.act"
+
+
+def test_class_average_is_the_mean_of_single_face_maps_and_ignores_the_outside(faces):
+    net = RegionNet().eval()
+    x, y = faces
+    avg = explain.class_average(net, x, y, CROP, batch_size=5, percentile=99.0, centre=0.5)
+    assert avg["maps"].shape == (7, CROP, CROP) and avg["probs"].shape == (len(y), 7)
+    assert list(avg["counts"]) == [3] * 7
+    one = [explain.vanilla(net, explain.model_input(x[i:i + 1], CROP, torch.device("cpu")),
+                           torch.tensor([int(y[i])]), 99.0)[0][0].numpy() for i in range(len(y))]
+    for c in range(7):
+        np.testing.assert_allclose(avg["maps"][c], np.mean([m for m, k in zip(one, y) if k == c], 0),
+                                   atol=1e-5)
+    assert (box_share(torch.as_tensor(avg["maps"])) > 0.999).all()
+    # BOX overlaps the central 20x20 square in rows 10-15, columns 22-29: 48 of its 168 px.
+    assert (avg["centre_share"] < 0.6).all()
+
+
+def test_pick_faces_mixes_right_and_wrong_and_is_seeded():
+    labels = np.repeat(np.arange(7), 6)
+    pred = labels.copy()
+    pred[::3] = (labels[::3] + 1) % 7  # two wrong faces per class
+    pick = explain.pick_faces(labels, pred, 3, 1, seed=4)
+    assert len(pick) == 21
+    for c in range(7):
+        mine = pick[labels[pick] == c]
+        assert len(mine) == 3 and (pred[mine] != c).sum() == 1
+        assert (pred[mine[:2]] == c).all()  # correct first
+    np.testing.assert_array_equal(pick, explain.pick_faces(labels, pred, 3, 1, seed=4))
+    # A class with too few correct faces is topped up with wrong ones.
+    pred[labels == 0] = 1
+    assert (labels[explain.pick_faces(labels, pred, 3, 1, seed=0)] == 0).sum() == 3
+
+
+def test_gradient_ascent_raises_each_filter_far_above_its_start(nets, faces):
+    cnn, _ = nets
+    gen = torch.Generator().manual_seed(0)
+    noise = (0.5 + 0.05 * torch.randn(6, 1, CROP, CROP, generator=gen)).clamp(0, 1)
+    face = explain.model_input(faces[0][:1], CROP, torch.device("cpu")).expand(6, -1, -1, -1)
+    modules = dict(cnn.named_modules())
+    for name, start in (("features.block1.conv1", noise), ("features.block2.conv1", noise),
+                        ("features.block2.conv1", face)):
+        layer = modules[name]
+        imgs, first, reached = explain.maximise_filters(cnn, layer, torch.arange(6), start,
+                                                        {**FILTERS, "steps": 60}, gen)
+        assert imgs.shape == start.shape and imgs.min() >= 0 and imgs.max() <= 1
+        gain = reached - first
+        assert (gain >= 0).all() and gain.mean() > 0.3, (name, first, reached)
+        if name.endswith("block1.conv1"):
+            # A first-layer filter is linear in the pixels, so its mean activation is about
+            # the sum of its weights times the mean pixel: all-black or all-white is (nearly)
+            # the best image. The ascent must get close to that optimum for every filter.
+            with torch.no_grad():
+                best = torch.maximum(*(explain.filter_objective(cnn, layer, torch.full_like(start, v),
+                                                                torch.arange(6)) for v in (0.0, 1.0)))
+            assert (reached > 0.9 * best).all() and (gain > 0.1).all(), (first, reached, best)
+        else:
+            # Deeper down, a filter fed by rectified maps through mostly negative weights
+            # cannot go much above zero, but most (at random init) rise well above their start.
+            assert (gain > 0.2).sum() >= 4, (first, reached)
+        with torch.no_grad():  # reported values are the filters' real activations
+            torch.testing.assert_close(explain.filter_objective(cnn, layer, imgs, torch.arange(6)),
+                                       reached)
+    # Each image in the batch serves only its own filter: filter 2 alone ends the same.
+    cfg = {**FILTERS, "jitter": 0}
+    layer = modules["features.block2.conv1"]
+    batch = explain.maximise_filters(cnn, layer, torch.arange(6), noise, cfg, gen)[0]
+    alone = explain.maximise_filters(cnn, layer, torch.tensor([2]), noise[2:3], cfg, gen)[0]
+    torch.testing.assert_close(batch[2:3], alone, atol=1e-4, rtol=0)
+
+
+def test_unknown_or_unfit_layer_names_are_errors_naming_the_key(nets, faces):
+    cnn, dnn = nets
+    with pytest.raises(FerPipeError, match=r"params\.yaml: filters\.layers\[1\]: model has no "
+                                           r"layer 'x' \(conv layers: features\.block1\.conv1, "):
+        explain.filters_study(cnn, CROP, dnn, *faces, {**FILTERS, "layers": [FILTERS["layers"][0], "x"]})
+    with pytest.raises(FerPipeError, match=r"filters\.layers\[0\]: layer 'head\.out' gives no "
+                                           r"feature maps"):
+        explain.filters_study(cnn, CROP, dnn, *faces, {**FILTERS, "layers": ["head.out"]})
+    with pytest.raises(FerPipeError, match=r"saliency\.gradcam_layer: model has no layer 'conv9'"):
+        explain.saliency_study(cnn, CROP, dnn, CROP, *faces, {**SALIENCY, "gradcam_layer": "conv9"})
+    with pytest.raises(FerPipeError, match=r"filters\.face: must be below"):
+        explain.filters_study(cnn, CROP, dnn, *faces, {**FILTERS, "face": 10_000})
+
+
+def _image_axes(fig):
+    return [ax for ax in fig.axes if ax.images]
+
+
+def test_figures_have_their_panels(nets, faces):
+    import matplotlib.pyplot as plt
+
+    cnn, dnn = nets
+    res = explain.saliency_study(cnn, CROP, dnn, CROP, *faces, SALIENCY)
+    n = len(res["picks"])
+    assert n == 14 and res["gradcam_layer"] == "features.block2.act1"
+    fig = explain.saliency_faces_figure(res)
+    assert len(_image_axes(fig)) == n * 5
+    np.testing.assert_allclose(fig.get_size_inches(), (5 * explain.TILE, n * explain.TILE * 1.08))
+    assert len(_image_axes(explain.model_comparison_figure(res))) == n * 5
+    assert len(_image_axes(explain.class_average_figure(res))) == 3 * 7
+    metrics = explain.saliency_metrics(res)
+    assert set(metrics["centre_share_cnn"]) == set(EMOTIONS) and metrics["faces_shown"] == n
+
+    fres = explain.filters_study(cnn, CROP, dnn, *faces, FILTERS)
+    assert len(_image_axes(explain.filters_figure(fres, "noise"))) == 4 + 4
+    assert len(_image_axes(explain.filters_figure(fres, "face"))) == 2 * (1 + 4)
+    assert len(_image_axes(explain.feature_maps_figure(fres))) == 2 * (1 + 5)
+    assert len(_image_axes(explain.kernels_figure(fres))) == TINY_CNN["widths"][0]
+    fig = explain.dnn_weights_figure(fres)
+    assert len(_image_axes(fig)) == 6 and fig.axes[0].images[0].get_array().shape == (CROP, CROP)
+    m = explain.filters_metrics(fres)["layers"]
+    assert list(m) == FILTERS["layers"]
+    assert all(v["noise"]["reached"] > v["noise"]["start"] for v in m.values())
+    plt.close("all")
+
+
+def test_stages_run_end_to_end(workspace, nets, faces):
+    ws = workspace
+    cnn, dnn = nets
+    x, y = faces
+    save_npz(ws.path / "data/splits.npz", val_x=x, val_y=y)
+    save_torch(ws.path / "models/cnn.pt", models.checkpoint(cnn, "cnn", ARCH, CROP, {}))
+    save_torch(ws.path / "models/dnn.pt", models.checkpoint(dnn, "dnn", DNN, CROP, {}))
+    ws.set_params(saliency=SALIENCY, filters=FILTERS)
+    out = ws.run("saliency").stdout
+    assert "saliency: 14 faces explained" in out
+    out = ws.run("filters").stdout
+    assert "features.block2.conv1: 4 filters" in out
+    for name in ("saliency_faces", "saliency_cnn_vs_dnn", "saliency_class_average",
+                 "filters_from_noise", "filters_from_face", "feature_maps", "conv1_kernels",
+                 "dnn_first_layer"):
+        assert (ws.path / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    sal = json.loads((ws.path / "metrics/saliency.json").read_text())
+    assert set(sal["centre_share_cnn"]) == set(EMOTIONS)
+    fil = json.loads((ws.path / "metrics/filters.json").read_text())
+    assert list(fil["layers"]) == FILTERS["layers"]
+
+    ws.set_params(filters={"layers": ["features.block1.conv1", "features.block9.conv1"]})
+    bad = ws.run("filters", check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: params.yaml: filters.layers[1]: model has no layer "
+                                 "'features.block9.conv1'")

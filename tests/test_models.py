@@ -1,0 +1,97 @@
+"""Model building, DNN parameter matching, layer tables, and batch augmentation."""
+import numpy as np
+import pytest
+import torch
+
+from ferpipe import augment, models
+from ferpipe.errors import FerPipeError
+
+CNN = {"preset": "custom", "widths": [16, 32, 64], "convs": [1, 2, 2], "kernel": 3,
+       "batch_norm": True, "residual": False, "activation": "relu", "pooling": "max",
+       "block_dropout": 0.0, "global_pool": "avg", "head": [64], "head_dropout": 0.3}
+DNN = {"hidden_layers": 3, "taper": 0.5, "batch_norm": True, "activation": "relu",
+       "dropout": 0.3, "tolerance": 0.05}
+
+
+@pytest.mark.parametrize("widths,convs,head,crop", [
+    ([8, 16], [1, 1], [16], 40),
+    ([16, 32, 64], [1, 2, 2], [64], 40),
+    ([48, 96, 192, 384], [1, 2, 2, 2], [256], 40),
+    ([32, 64, 128], [2, 2, 2], [128], 48),
+])
+def test_dnn_matches_cnn_parameters(widths, convs, head, crop):
+    cnn = models.FerCNN({**CNN, "widths": widths, "convs": convs, "head": head}, crop)
+    target = models.count_params(cnn)
+    for layers, taper in ((1, 1.0), (3, 0.5), (4, 0.7)):
+        cfg = {**DNN, "hidden_layers": layers, "taper": taper}
+        widths_dnn = models.dnn_widths(cfg, crop, target)
+        dnn = models.FerDNN(widths_dnn, cfg, crop)
+        assert len(widths_dnn) == layers
+        assert abs(models.count_params(dnn) - target) <= 0.05 * target
+
+
+def test_dnn_match_impossible_is_a_clear_error():
+    # A tiny CNN cannot be matched by a DNN whose first layer alone is larger.
+    cnn = models.FerCNN({**CNN, "widths": [2], "convs": [1], "head": []}, 40)
+    with pytest.raises(FerPipeError, match="dnn"):
+        models.dnn_widths({**DNN, "tolerance": 0.001}, 40, models.count_params(cnn))
+
+
+def test_summary_rows_add_up_and_shapes_flow():
+    cnn = models.FerCNN(CNN, 40)
+    rows = models.summary(cnn, 40)
+    assert sum(r[3] for r in rows) == models.count_params(cnn)
+    shapes = {name: shape for name, _, shape, _ in rows}
+    assert shapes["features.block1.conv1"] == (16, 40, 40)
+    assert shapes["features.block3.pool"] == (64, 5, 5)
+    assert shapes["head.out"] == (7,)
+    assert "total parameters" in models.format_summary(rows, "CNN")
+
+
+def test_course_keras_preset_builds_the_report_architecture():
+    cnn = models.FerCNN({**CNN, "preset": "course_keras"}, 48)
+    convs = [m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
+    dense = [m.out_features for m in cnn.head if isinstance(m, torch.nn.Linear)]
+    assert dense == [1024, 512, 256, 128, 7]
+
+
+def test_mismatched_block_lists_are_rejected():
+    with pytest.raises(FerPipeError, match="cnn.convs"):
+        models.resolve_cnn_config({**CNN, "convs": [1, 1]})
+
+
+AUG = {"rotation": 15.0, "shift": 0.1, "zoom": 0.15, "hflip": True, "erasing": 0.5,
+       "erasing_max_area": 0.2}
+
+
+def test_augmentation_keeps_shape_range_and_batch_order():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 48, 48)
+    # Each image is constant: after any crop/rotation/flip it stays that constant (bar
+    # erased pixels), which shows that images never swap places within the batch.
+    x = torch.linspace(0, 1, 64).view(64, 1, 1, 1).expand(64, 1, 48, 48).contiguous()
+    out = augment.random_views(x, {**AUG, "erasing": 0.0}, 40, gen)
+    assert out.shape == (64, 1, 40, 40)
+    torch.testing.assert_close(out.median(dim=-1).values.median(dim=-1).values.squeeze(1),
+                               x[:, 0, 0, 0], atol=1e-5, rtol=0)
+    erased = augment.random_views(x, AUG, 40, gen)
+    assert erased.shape == (64, 1, 40, 40) and erased.min() >= 0 and erased.max() <= 1
+
+
+def test_augmentation_without_randomness_is_the_centre_crop():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 1, 48, 48)
+    still = {"rotation": 0.0, "shift": 0.0, "zoom": 0.0, "hflip": False, "erasing": 0.0,
+             "erasing_max_area": 0.2}
+    out = augment.random_views(x, still, 48, gen)
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+
+def test_test_views_count():
+    x = torch.rand(2, 1, 48, 48)
+    assert len(augment.test_views(x, 40, "none")) == 1
+    assert len(augment.test_views(x, 40, "flip")) == 2
+    views = augment.test_views(x, 40, "tencrop")
+    assert len(views) == 10 and all(v.shape == (2, 1, 40, 40) for v in views)
+    torch.testing.assert_close(views[5], views[0].flip(-1))

@@ -1,0 +1,77 @@
+"""The whole DVC pipeline on a tiny synthetic set in a temporary git repository."""
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from ferpipe import demo
+
+from conftest import TINY_CNN, TINY_TRAIN
+
+TINY = {"train": TINY_TRAIN, "cnn": TINY_CNN, "infer": {"tta": "flip"},
+        "evaluate": {"misclassified": 8}}
+
+
+def ran(proc_output):
+    return set(re.findall(r"Running stage '([a-z_]+)'", proc_output))
+
+
+def repro(ws):
+    proc = demo.dvc(ws, "repro", check=False, capture=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    ws = demo.create(tmp_path_factory.mktemp("pipeline") / "repo", TINY,
+                     train_per_class=30, test_per_class=10, seed=0)
+    out = repro(ws)
+    return ws, out
+
+
+def test_every_stage_runs_and_writes_its_outputs(repo):
+    ws, out = repo
+    assert {"prepare", "split", "train_cnn", "train_dnn", "evaluate", "predict"} <= ran(out)
+    ev = json.loads((ws / "metrics/evaluate.json").read_text())
+    for kind in ("cnn", "dnn"):
+        assert ev[kind]["params"] > 0
+        for split in ("val", "test"):
+            assert 0 <= ev[kind][split]["accuracy"] <= 1
+            assert 0 <= ev[kind][split]["macro_f1"] <= 1
+    assert abs(ev["dnn"]["params"] - ev["cnn"]["params"]) <= 0.05 * ev["cnn"]["params"]
+    for kind in ("cnn", "dnn"):
+        t = json.loads((ws / f"metrics/train_{kind}.json").read_text())
+        assert {"params", "best_val_accuracy", "epochs", "seconds_per_epoch",
+                "images_per_second"} <= set(t)
+        hist = pd.read_csv(ws / f"plots/train_{kind}.csv")
+        assert list(hist["epoch"]) == [1, 2]
+    pred = pd.read_csv(ws / "predictions.csv")
+    assert list(pred.columns) == ["id", "label"] and len(pred) == 70
+    assert pred["label"].between(0, 6).all()
+    conf = pd.read_csv(ws / "plots/confusion_cnn_val.csv")
+    assert list(conf.columns) == ["actual", "predicted"] and len(conf) == 21
+    for png in ("class_distribution", "confusion_cnn_test", "misclassified_cnn_val",
+                "training_curves"):
+        assert (ws / f"plots/{png}.png").stat().st_size > 1000
+    assert "total parameters" in (ws / "plots/cnn_summary.txt").read_text()
+    # metrics and plots are readable by DVC itself
+    shown = demo.dvc(ws, "metrics", "show", "--json", capture=True)
+    assert "best_val_accuracy" in shown.stdout
+
+
+def test_nothing_reruns_when_nothing_changed(repo):
+    ws, _ = repo
+    assert ran(repro(ws)) == set()
+
+
+def test_dnn_param_change_reruns_only_train_dnn_and_dependants(repo):
+    ws, _ = repo
+    params = (ws / "params.yaml").read_text()
+    assert "  dropout: 0.3\n" in params
+    (ws / "params.yaml").write_text(params.replace("  dropout: 0.3\n", "  dropout: 0.2\n", 1))
+    again = ran(repro(ws))
+    assert "train_dnn" in again
+    assert not again & {"prepare", "split", "train_cnn", "predict"}
+    assert again <= {"train_dnn", "evaluate", "saliency", "filters"}
