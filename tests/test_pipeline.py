@@ -10,7 +10,11 @@ from ferpipe import demo
 from conftest import TINY_CNN, TINY_TRAIN
 
 TINY = {"train": TINY_TRAIN, "cnn": TINY_CNN, "infer": {"tta": "flip"},
-        "evaluate": {"misclassified": 8}}
+        "evaluate": {"misclassified": 8},
+        "saliency": {"per_class": 1, "smoothgrad_samples": 3},
+        "filters": {"layers": ["features.block1.conv1", "features.block2.conv1"], "filters": 4,
+                    "steps": 5, "feature_maps": 7, "dnn_units": 4},
+        "self_train": {"unlabeled_fraction": 0.5, "rounds": 1, "epochs": 0, "tta": "none"}}
 
 
 def ran(proc_output):
@@ -33,7 +37,8 @@ def repo(tmp_path_factory):
 
 def test_every_stage_runs_and_writes_its_outputs(repo):
     ws, out = repo
-    assert {"prepare", "split", "train_cnn", "train_dnn", "evaluate", "predict"} <= ran(out)
+    assert ran(out) == {"prepare", "split", "train_cnn", "train_dnn", "evaluate", "predict",
+                        "saliency", "filters", "self_train"}
     ev = json.loads((ws / "metrics/evaluate.json").read_text())
     for kind in ("cnn", "dnn"):
         assert ev[kind]["params"] > 0
@@ -56,6 +61,13 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
                 "training_curves"):
         assert (ws / f"plots/{png}.png").stat().st_size > 1000
     assert "total parameters" in (ws / "plots/cnn_summary.txt").read_text()
+    for png in ("saliency_faces", "saliency_class_average", "filters_from_noise", "feature_maps",
+                "dnn_first_layer"):
+        assert (ws / f"plots/{png}.png").stat().st_size > 1000
+    st = json.loads((ws / "metrics/self_train.json").read_text())
+    assert st["labelled_fraction"] == pytest.approx(0.5, abs=0.05)
+    assert st["gain"] == pytest.approx(st["self_trained"]["test"]["accuracy"]
+                                       - st["baseline"]["test"]["accuracy"])
     # metrics and plots are readable by DVC itself
     shown = demo.dvc(ws, "metrics", "show", "--json", capture=True)
     assert "best_val_accuracy" in shown.stdout
@@ -73,5 +85,5 @@ def test_dnn_param_change_reruns_only_train_dnn_and_dependants(repo):
     (ws / "params.yaml").write_text(params.replace("  dropout: 0.3\n", "  dropout: 0.2\n", 1))
     again = ran(repro(ws))
     assert "train_dnn" in again
-    assert not again & {"prepare", "split", "train_cnn", "predict"}
+    assert not again & {"prepare", "split", "train_cnn", "predict", "self_train"}
     assert again <= {"train_dnn", "evaluate", "saliency", "filters"}

@@ -372,7 +372,8 @@ def detect_form(raw):
     """Return (form, files) for the raw data at `raw` (a folder or a single file)."""
     raw = Path(raw)
     if not raw.exists() or (raw.is_dir() and not any(raw.iterdir())):
-        raise FerPipeError(f"no FER2013 data at {raw}/. Put one of these forms there:\n"
+        raise FerPipeError(f"no FER2013 data at {raw}/ (params.yaml: prepare.raw). "
+                           "Put one of these forms there:\n"
                            f"{ACCEPTED_FORMS}\n"
                            "For example: ln -s ../shared/data/fer2013-train-publictest.zip data/raw/")
     if raw.is_file():
@@ -456,8 +457,8 @@ def load_prepared(path):
     from .files import load_npz
 
     def bad(problem):
-        return FerPipeError(f"{path}: {problem}; it was not written by this version's prepare "
-                            "stage: run prepare again (dvc repro prepare)")
+        return FerPipeError(f"{path}: {problem}; it is damaged or not the prepare stage's "
+                            "output: run prepare again (dvc repro prepare)")
 
     try:
         arrays = load_npz(path, "prepared faces")

@@ -279,18 +279,18 @@ def pick_faces(labels, pred, per_class, misclassified, seed):
     return np.asarray(picks, dtype=np.int64)
 
 
-def saliency_study(cnn, cnn_crop, dnn, dnn_crop, images, labels, cfg, gradcam_key="saliency.gradcam_layer"):
+def saliency_study(cnn, cnn_crop, dnn, dnn_crop, images, labels, cfg):
     """Everything the saliency stage draws and reports, as numpy arrays."""
     labels = np.asarray(labels, dtype=np.int64)
     device = _device(cnn)
+    layer_name = last_conv_layer(cnn) if cfg["gradcam_layer"] == "last" else cfg["gradcam_layer"]
+    [(_, layer, _)] = feature_layers(cnn, [layer_name], ["saliency.gradcam_layer"], cnn_crop)
     avg_cnn = class_average(cnn, images, labels, cnn_crop, cfg["batch_size"], cfg["percentile"],
                             cfg["centre"])
     avg_dnn = class_average(dnn, images, labels, dnn_crop, cfg["batch_size"], cfg["percentile"],
                             cfg["centre"])
     pred = avg_cnn["probs"].argmax(1)
     picks = pick_faces(labels, pred, cfg["per_class"], cfg["misclassified"], cfg["seed"])
-    layer_name = last_conv_layer(cnn) if cfg["gradcam_layer"] == "last" else cfg["gradcam_layer"]
-    [(_, layer, _)] = feature_layers(cnn, [layer_name], [gradcam_key], cnn_crop)
 
     out = {"picks": picks, "labels": labels[picks], "avg_cnn": avg_cnn, "avg_dnn": avg_dnn,
            "gradcam_layer": layer_name, "threshold": cfg["threshold"], "centre": cfg["centre"],
@@ -327,11 +327,10 @@ def masked(face, sal, threshold):
     return np.where(sal >= threshold, face, GREY)
 
 
-def rank_correlation(a, b):
-    """Spearman correlation of two maps (ties broken by position)."""
-    ra = np.argsort(np.argsort(a.ravel())).astype(np.float64)
-    rb = np.argsort(np.argsort(b.ravel())).astype(np.float64)
-    return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else float("nan")
+def correlation(a, b):
+    """Pearson correlation of two maps' pixels (nan when either is constant)."""
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
 
 
 def saliency_metrics(res):
@@ -339,7 +338,7 @@ def saliency_metrics(res):
         return {e: (None if np.isnan(v) else round(float(v), 4)) for e, v in zip(EMOTIONS, share)}
 
     def mean_corr(key):
-        vals = [rank_correlation(a, b) for a, b in zip(res["vanilla"], res[key])]
+        vals = [correlation(a, b) for a, b in zip(res["vanilla"], res[key])]
         vals = [v for v in vals if not math.isnan(v)]
         return round(float(np.mean(vals)), 4) if vals else None
 
@@ -352,8 +351,9 @@ def saliency_metrics(res):
            "gradcam_layer": res["gradcam_layer"]}
     if len(res["picks"]):
         out["misclassified_shown"] = int((res["pred"] != res["labels"]).sum())
-        out["rank_correlation_vanilla_smoothgrad"] = mean_corr("smoothgrad")
-        out["rank_correlation_vanilla_gradcam"] = mean_corr("gradcam")
+        # How far the methods agree on the shown faces: mean pixel correlation of the maps.
+        out["correlation_vanilla_smoothgrad"] = mean_corr("smoothgrad")
+        out["correlation_vanilla_gradcam"] = mean_corr("gradcam")
     return out
 
 
@@ -616,6 +616,7 @@ def feature_maps_figure(res):
 
 def _weight_grid(weights, title, cols, shared, caption):
     n = len(weights)
+    cols = max(1, min(cols, n))
     rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * TILE * 0.75, rows * TILE * 0.85 + 0.5),
                              squeeze=False, layout="constrained")

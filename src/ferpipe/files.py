@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,10 @@ import numpy as np
 from .errors import FerPipeError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path in the target's folder; rename it onto `path` on success."""
@@ -24,6 +29,7 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -62,13 +68,48 @@ def save_npz(path, **arrays):
     write_bytes(path, buf.getvalue())
 
 
-def load_npz(path, what):
+def load_npz(path, what, keys=()):
+    """Read an array file written by save_npz; a missing, damaged or foreign file (or one
+    without the `keys` the caller needs) is a FerPipeError that says which stage makes it."""
     path = Path(path)
     if not path.exists():
         raise FerPipeError(f"{path}: not found; run the stage that makes the {what} first "
                            "(dvc repro)")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise FerPipeError(f"{path}: cannot be read as the {what} ({type(err).__name__}); it is "
+                           "damaged or not this pipeline's: run dvc repro to remake it") from None
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise FerPipeError(f"{path}: has no '{missing[0]}' array; it is not the {what} this "
+                           "pipeline writes: run dvc repro to remake it")
+    return arrays
+
+
+def load_torch(path, map_location="cpu", missing_hint="run dvc repro"):
+    """torch.load restricted to tensors and plain containers (weights_only=True): a file
+    whose unpickling would build other objects, and so could run code, is refused."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise FerPipeError(f"{path}: not found; {missing_hint}")
+    if path.is_dir():
+        raise FerPipeError(f"{path}: refused to load: it is a folder, not a file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        asked = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" (it asks for {asked.group(1)})" if asked else ""
+        raise FerPipeError(f"{path}: refused to load: not a plain weights file; it holds objects "
+                           f"whose unpickling could run code{what}") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+        raise FerPipeError(f"{path}: refused to load: not a readable PyTorch file "
+                           f"({type(err).__name__})") from None
 
 
 def save_torch(path, obj):

@@ -165,7 +165,8 @@ def dnn_widths(dnn_cfg, input_size, target):
         return [max(1, round(base * dnn_cfg["taper"] ** i)) for i in range(dnn_cfg["hidden_layers"])]
 
     def params_for(base):
-        return count_params(FerDNN(widths_for(base), dnn_cfg, input_size))
+        with torch.device("meta"):  # counts shapes only: no memory, no initialisation
+            return count_params(FerDNN(widths_for(base), dnn_cfg, input_size))
 
     lo, hi = 1, 1
     while params_for(hi) < target:
@@ -201,19 +202,18 @@ def checkpoint(model, kind, config, input_size, meta):
 
 def load(path, device="cpu"):
     """Load a model saved by a training stage; refuses files that would run code."""
-    import pickle
+    from .files import load_torch
 
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise FerPipeError(f"{path}: not found; run the training stage first (dvc repro)") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FerPipeError(f"{path}: refused to load: not a plain weights file ({first})") from None
+    ckpt = load_torch(path, device, "run the training stage first (dvc repro)")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or ckpt.get("kind") not in ("cnn", "dnn"):
         raise FerPipeError(f"{path}: not a model saved by this pipeline")
-    model = build(ckpt["kind"], ckpt["config"], ckpt["input_size"])
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model = build(ckpt["kind"], ckpt["config"], ckpt["input_size"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FerPipeError(f"{path}: its weights do not fit the config saved with them "
+                           f"({type(err).__name__}: {first})") from None
     return model.to(device).eval(), ckpt
 
 

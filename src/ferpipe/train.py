@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import NUM_CLASSES, augment
 from .errors import FerPipeError
 from .infer import autocast, channels_last, pick_device, predict_proba, set_threads, to_float
-from .files import save_torch
+from .files import load_torch, save_torch
 from .params import boolean, choice, integer, number, section
 
 SCHEMA = {
@@ -87,9 +87,11 @@ def make_optimizer(model, cfg):
 def make_schedule(opt, cfg, steps_per_epoch):
     total = cfg["epochs"] * steps_per_epoch
     warm = min(int(cfg["warmup_epochs"] * steps_per_epoch), total - 1)
-    if cfg["schedule"] == "onecycle":
+    if cfg["schedule"] == "onecycle" and total >= 3:
+        # OneCycleLR divides by the length of each phase: both need at least one step.
+        warm = min(max(warm, 2), total - 1)
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg["lr"], total_steps=total, pct_start=max(warm, 1) / total,
+            opt, max_lr=cfg["lr"], total_steps=total, pct_start=warm / total,
             cycle_momentum=cfg["optimizer"] == "sgd" and cfg["momentum"] > 0)
     if cfg["schedule"] == "cosine":
         def factor(step):
@@ -153,7 +155,10 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
     state = {"epoch": 0, "history": [], "best_acc": -1.0, "best_epoch": 0, "best_state": None,
              "bad_epochs": 0, "train_seconds": 0.0, "compute_seconds": 0.0}
     if resume_path and Path(resume_path).exists():
-        ckpt = torch.load(resume_path, map_location=device, weights_only=True)
+        ckpt = load_torch(resume_path, device)
+        if not isinstance(ckpt, dict):
+            raise FerPipeError(f"{resume_path}: not a checkpoint of this pipeline; delete it "
+                               "to train from the start")
         if ckpt.get("run_id") == run_id:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])

@@ -1,0 +1,177 @@
+"""Reproducibility and interruption: the same seed gives the same model, and a training run
+killed with SIGKILL in the middle of an epoch resumes from its last checkpoint and ends
+exactly where an uninterrupted run ends (timings aside)."""
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from ferpipe import synthetic
+
+from conftest import TINY_CNN, TINY_TRAIN, Workspace, stage_env
+
+EPOCHS = 4
+# Small, but each epoch lasts long enough (about a second or more) for the progress lines
+# that train.log_seconds asks for to show the run is inside an epoch.
+TRAIN = {**TINY_TRAIN, "epochs": EPOCHS, "batch_size": 16, "log_seconds": 1}
+CNN = {**TINY_CNN, "widths": [32, 64], "convs": [2, 2]}
+TIMING = {"seconds_per_epoch", "images_per_second", "train_minutes", "data_time_share"}
+HISTORY_TIMING = ["seconds", "images_per_second"]
+RESUME = "checkpoints/cnn.resume.pt"
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A workspace with synthetic raw data, prepared and split, ready to train."""
+    path = tmp_path_factory.mktemp("resume") / "template"
+    path.mkdir()
+    ws = Workspace(path)
+    synthetic.write_dataset(path / "data/raw", "fer2013_csv", 80, 1, seed=0)
+    ws.set_params(train=TRAIN, cnn=CNN)
+    ws.run("prepare")
+    ws.run("split")
+    return path
+
+
+def copy_of(template, tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(template, dst)
+    ws = Workspace.__new__(Workspace)
+    ws.path = dst
+    return ws
+
+
+def result(ws):
+    """What a finished run leaves, minus timings: metrics, history and weights."""
+    metrics = json.loads((ws.path / "metrics/train_cnn.json").read_text())
+    history = pd.read_csv(ws.path / "plots/train_cnn.csv").drop(columns=HISTORY_TIMING)
+    ckpt = torch.load(ws.path / "models/cnn.pt", weights_only=True)
+    return {k: v for k, v in metrics.items() if k not in TIMING}, history, ckpt
+
+
+def assert_same_result(a, b):
+    (metrics_a, hist_a, ckpt_a), (metrics_b, hist_b, ckpt_b) = a, b
+    assert metrics_a == metrics_b
+    pd.testing.assert_frame_equal(hist_a, hist_b, check_exact=True)
+    assert ckpt_a["meta"] == ckpt_b["meta"] and ckpt_a["config"] == ckpt_b["config"]
+    assert ckpt_a["state_dict"].keys() == ckpt_b["state_dict"].keys()
+    for name, tensor in ckpt_a["state_dict"].items():
+        assert torch.equal(tensor, ckpt_b["state_dict"][name]), f"weights differ in {name}"
+
+
+@pytest.fixture(scope="module")
+def reference(template, tmp_path_factory):
+    """An uninterrupted run."""
+    ws = copy_of(template, tmp_path_factory.mktemp("reference"), "ws")
+    proc = ws.run("train_cnn")
+    assert f"[cnn] epoch {EPOCHS}/{EPOCHS} train loss" in proc.stdout
+    assert not (ws.path / RESUME).exists(), "a finished run must remove its resume checkpoint"
+    return result(ws)
+
+
+def test_same_seed_same_model(template, reference, tmp_path):
+    ws = copy_of(template, tmp_path, "again")
+    ws.run("train_cnn")
+    assert_same_result(reference, result(ws))
+    assert reference[0]["epochs"] == EPOCHS and len(reference[1]) == EPOCHS
+
+
+def checkpoint_epoch(path):
+    try:
+        return torch.load(path, weights_only=True)["state"]["epoch"]
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+        return 0
+
+
+def run_and_kill_in_epoch(ws, epoch, timeout=300):
+    """Start train_cnn and SIGKILL it inside `epoch`, once the checkpoint of the epoch before
+    is on disk: when a progress line of `epoch` shows (train.log_seconds), or, if none has
+    shown yet, 40% of an epoch's time after the line that ended the epoch before (timed from
+    the two lines before it), so the kill lands among the epoch's batches on fast and slow
+    machines alike. Returns the output the run printed."""
+    proc = subprocess.Popen([sys.executable, "stages/train_cnn.py"], cwd=ws.path,
+                            env=stage_env(ws.path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            lines.put((time.monotonic(), line))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    out, ended, killed = [], {}, False  # ended: epoch -> when its summary line showed
+    progress = re.compile(rf"\[cnn\] epoch {epoch}/{EPOCHS} batch ")
+    summary = re.compile(rf"\[cnn\] epoch (\d+)/{EPOCHS} train loss ")
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                when, line = lines.get(timeout=0.02)
+                out.append(line)
+                m = summary.match(line)
+                if m:
+                    ended[int(m.group(1))] = when
+            except queue.Empty:
+                pass
+            if checkpoint_epoch(ws.path / RESUME) != epoch - 1:
+                continue
+            now = time.monotonic()
+            in_progress = bool(out) and progress.match(out[-1])
+            timed = (epoch - 2 in ended and epoch - 1 in ended and
+                     now >= ended[epoch - 1] + 0.4 * (ended[epoch - 1] - ended[epoch - 2]))
+            if in_progress or timed or epoch == 2:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+    finally:
+        if proc.poll() is None and not killed:
+            proc.kill()
+        proc.wait()
+        reader.join(timeout=10)
+    while not lines.empty():
+        out.append(lines.get()[1])
+    text = "".join(out)
+    assert killed, f"the run ended or timed out before epoch {epoch} began:\n{text}"
+    assert proc.returncode == -signal.SIGKILL
+    return text
+
+
+def test_killed_mid_epoch_resumes_and_ends_the_same(template, reference, tmp_path):
+    ws = copy_of(template, tmp_path, "killed")
+    text = run_and_kill_in_epoch(ws, 3)
+    assert f"[cnn] epoch 2/{EPOCHS} train loss" in text
+    assert f"[cnn] epoch 3/{EPOCHS} train loss" not in text, "killed after epoch 3 had finished"
+    # Killed runs leave their last checkpoint and no outputs, and no half-written files.
+    assert checkpoint_epoch(ws.path / RESUME) == 2
+    assert not (ws.path / "models/cnn.pt").exists()
+    assert not (ws.path / "metrics/train_cnn.json").exists()
+    assert not [p for p in ws.path.rglob("*.tmp")]
+
+    proc = ws.run("train_cnn")
+    assert f"[cnn] resuming from the checkpoint after epoch 2 ({RESUME})" in proc.stdout
+    assert f"[cnn] epoch 1/{EPOCHS} " not in proc.stdout and f"[cnn] epoch 3/{EPOCHS} " in proc.stdout
+    assert not (ws.path / RESUME).exists()
+    assert_same_result(reference, result(ws))
+
+
+def test_checkpoint_from_other_params_is_ignored(template, tmp_path):
+    """A checkpoint left by a run with other params is not resumed: training starts afresh."""
+    ws = copy_of(template, tmp_path, "other")
+    text = run_and_kill_in_epoch(ws, 2)
+    assert checkpoint_epoch(ws.path / RESUME) == 1
+    ws.set_params(train={"epochs": 2, "seed": 7})
+    proc = ws.run("train_cnn")
+    assert f"ignoring {RESUME}: it belongs to other params or data" in proc.stdout
+    assert "resuming" not in proc.stdout and "[cnn] epoch 1/2 " in proc.stdout
+    assert text  # the killed run printed its progress
