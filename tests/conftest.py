@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ferpipe.demo import merge
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Tests run beside long trainings on small machines: one thread each keeps them predictable.
@@ -37,15 +39,7 @@ class Workspace:
     def set_params(self, **sections):
         """set_params(train={"epochs": 2}) merges into params.yaml (nested dicts merge)."""
         p = self.path / "params.yaml"
-        data = yaml.safe_load(p.read_text())
-
-        def merge(dst, src):
-            for k, v in src.items():
-                if isinstance(v, dict) and isinstance(dst.get(k), dict):
-                    merge(dst[k], v)
-                else:
-                    dst[k] = v
-        merge(data, sections)
+        data = merge(yaml.safe_load(p.read_text()), sections)
         p.write_text(yaml.safe_dump(data, sort_keys=False))
 
     def run(self, stage, check=True, timeout=600):

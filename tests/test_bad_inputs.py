@@ -423,7 +423,7 @@ CASES = [
                  ["data/prepared/faces.npz: not found; run the stage that makes the prepared "
                   "faces first"], id="split-input-missing"),
     pytest.param("split", prepared(lambda arrays: b"PK\x03\x04 not really a zip"),
-                 ["data/prepared/faces.npz: cannot be read as an array file", "run prepare again"],
+                 ["data/prepared/faces.npz: cannot be read as the prepared faces", "run dvc repro"],
                  id="split-input-corrupt"),
     pytest.param("split", prepared(lambda arrays: {k: v for k, v in arrays.items() if k != "labels"}),
                  ["data/prepared/faces.npz: has no 'labels' array"], id="split-input-no-labels"),

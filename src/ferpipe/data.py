@@ -460,13 +460,7 @@ def load_prepared(path):
         return FerPipeError(f"{path}: {problem}; it is damaged or not the prepare stage's "
                             "output: run prepare again (dvc repro prepare)")
 
-    try:
-        arrays = load_npz(path, "prepared faces")
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        raise bad(f"cannot be read as an array file ({type(err).__name__}: {err})") from None
-    missing = [k for k in ("images", "labels", "usage", "ids") if k not in arrays]
-    if missing:
-        raise bad(f"has no '{missing[0]}' array")
+    arrays = load_npz(path, "prepared faces", keys=("images", "labels", "usage", "ids"))
     images, n = arrays["images"], len(arrays["images"])
     if images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise bad(f"'images' is {images.dtype} of shape {images.shape}, expected uint8 "
