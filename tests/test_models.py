@@ -1,5 +1,4 @@
 """Model building, DNN parameter matching, layer tables, and batch augmentation."""
-import numpy as np
 import pytest
 import torch
 
@@ -67,7 +66,6 @@ AUG = {"rotation": 15.0, "shift": 0.1, "zoom": 0.15, "hflip": True, "erasing": 0
 
 def test_augmentation_keeps_shape_range_and_batch_order():
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(64, 1, 48, 48)
     # Each image is constant: after any crop/rotation/flip it stays that constant (bar
     # erased pixels), which shows that images never swap places within the batch.
     x = torch.linspace(0, 1, 64).view(64, 1, 1, 1).expand(64, 1, 48, 48).contiguous()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import NUM_CLASSES, augment
 from .errors import FerPipeError
-from .infer import autocast, channels_last, pick_device, predict_proba, set_threads, to_float
+from .infer import autocast, channels_last, pick_device, predict_proba, set_threads
 from .files import load_torch, save_torch
 from .params import boolean, choice, integer, number, section
 
