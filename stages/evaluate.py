@@ -33,8 +33,11 @@ def main():
         model, ckpt = models.load(path, device)
         crop, precision = ckpt["input_size"], ckpt["meta"]["precision"]
         trained = json.loads(Path(IN_TRAIN_METRICS[kind]).read_text())
-        summary[kind] = {"params": models.count_params(model),
+        # Parameters of one network: the DNN is matched to one CNN, not to an ensemble.
+        summary[kind] = {"params": models.count_params(models.single(model)),
                          "seconds_per_epoch": trained["seconds_per_epoch"]}
+        if ckpt.get("members", 1) > 1:
+            summary[kind]["members"] = ckpt["members"]
         per_class[kind] = {}
         for name in SPLITS:
             x, y = splits[f"{name}_x"], splits[f"{name}_y"]

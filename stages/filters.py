@@ -21,6 +21,7 @@ def main():
     splits = files.load_npz(IN_SPLITS, "data splits")
     device = infer.pick_device("auto")
     cnn, cnn_ckpt = models.load(IN_CNN, device)
+    cnn = models.single(cnn)  # an ensemble is explained through its first network
     dnn, _ = models.load(IN_DNN, device)
     res = explain.filters_study(cnn, cnn_ckpt["input_size"], dnn, splits["val_x"],
                                 splits["val_y"], p)

@@ -19,6 +19,7 @@ def main():
     splits = files.load_npz(IN_SPLITS, "data splits")
     device = infer.pick_device("auto")
     cnn, cnn_ckpt = models.load(IN_CNN, device)
+    cnn = models.single(cnn)  # an ensemble is explained through its first network
     dnn, dnn_ckpt = models.load(IN_DNN, device)
     res = explain.saliency_study(cnn, cnn_ckpt["input_size"], dnn, dnn_ckpt["input_size"],
                                  splits["val_x"], splits["val_y"], p)

@@ -1,4 +1,5 @@
-"""Stage train_cnn: train the configurable CNN; keep the weights best on validation."""
+"""Stage train_cnn: train the configurable CNN (or an ensemble of them, ensemble.members);
+keep the weights best on validation."""
 from ferpipe import files, models, params, train
 from ferpipe.errors import run_stage
 
@@ -11,13 +12,12 @@ RESUME = "checkpoints/cnn.resume.pt"
 
 
 def main():
-    p = params.load({"cnn": models.CNN_SCHEMA, "train": train.SCHEMA})
+    p = params.load({"cnn": models.CNN_SCHEMA, "train": train.SCHEMA,
+                     "ensemble": models.ENSEMBLE_SCHEMA})
     arch, cfg = models.resolve_cnn_config(p["cnn"]), p["train"]
     splits = files.load_npz(IN_SPLITS, "data splits")
-    device = train.setup(cfg)
-    model = models.FerCNN(arch, cfg["crop"])
-    train.run("cnn", model, arch, splits, cfg, device, OUT_MODEL, OUT_METRICS, OUT_HISTORY,
-              OUT_SUMMARY, RESUME)
+    train.run("cnn", lambda: models.FerCNN(arch, cfg["crop"]), arch, splits, cfg, OUT_MODEL,
+              OUT_METRICS, OUT_HISTORY, OUT_SUMMARY, RESUME, p["ensemble"]["members"])
 
 
 if __name__ == "__main__":

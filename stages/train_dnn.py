@@ -18,11 +18,9 @@ def main():
     widths = models.dnn_widths(p["dnn"], cfg["crop"], target)
     print(f"dnn: hidden widths {widths} to match the CNN's {target:,} parameters", flush=True)
     splits = files.load_npz(IN_SPLITS, "data splits")
-    device = train.setup(cfg)
     config = {**p["dnn"], "widths": widths}
-    model = models.build("dnn", config, cfg["crop"])
-    train.run("dnn", model, config, splits, cfg, device, OUT_MODEL, OUT_METRICS, OUT_HISTORY,
-              OUT_SUMMARY, RESUME)
+    train.run("dnn", lambda: models.build("dnn", config, cfg["crop"]), config, splits, cfg,
+              OUT_MODEL, OUT_METRICS, OUT_HISTORY, OUT_SUMMARY, RESUME)
 
 
 if __name__ == "__main__":

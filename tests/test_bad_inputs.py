@@ -418,6 +418,9 @@ CASES = [
                  id="params-bool-for-int"),
     pytest.param("train_cnn", with_params({"train": {"augment": {"spin": 3}}}),
                  ["params.yaml: train.augment.spin: unknown key"], id="params-nested-unknown-key"),
+    pytest.param("train_cnn", with_params({"ensemble": {"members": 0}}),
+                 ["params.yaml: ensemble.members: must be an integer in [1, 50], got 0"],
+                 id="params-ensemble-of-none"),
     # --- the split stage's input
     pytest.param("split", lambda ws: None,
                  ["data/prepared/faces.npz: not found; run the stage that makes the prepared "

@@ -55,6 +55,43 @@ def test_course_keras_preset_builds_the_report_architecture():
     assert dense == [1024, 512, 256, 128, 7]
 
 
+def test_vgg_preset_builds_the_long_configuration_network():
+    cnn = models.FerCNN({**CNN, "preset": "vgg"}, 40)
+    convs = [m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 512, 512]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in cnn.modules()) == 8
+    assert cnn(torch.rand(2, 1, 40, 40)).shape == (2, 7)
+
+
+def test_ensemble_checkpoint_round_trip_keeps_every_member(tmp_path):
+    from ferpipe.files import save_torch
+
+    torch.manual_seed(0)
+    ens = models.build("cnn", CNN, 40, members=3).eval()
+    save_torch(tmp_path / "cnn.pt", models.checkpoint(ens, "cnn", CNN, 40, {}))
+    back, ckpt = models.load(tmp_path / "cnn.pt")
+    assert ckpt["members"] == 3 and isinstance(back, models.Ensemble) and len(back.members) == 3
+    x = torch.rand(5, 1, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(back(x), ens(x))
+        mean = torch.stack([torch.softmax(m(x), 1) for m in ens.members]).mean(0)
+        assert torch.allclose(torch.softmax(ens(x), 1), mean, atol=1e-6)
+    single = models.build("cnn", CNN, 40)
+    assert "members" not in models.checkpoint(single, "cnn", CNN, 40, {})
+    assert models.single(single) is single and models.single(back) is back.members[0]
+
+
+@pytest.mark.parametrize("members", [0, "2", 2])
+def test_ensemble_checkpoint_with_a_wrong_member_count_is_a_clean_error(tmp_path, members):
+    from ferpipe.files import save_torch
+
+    one = models.build("cnn", CNN, 40)  # one network's weights: only members=1 fits them
+    ckpt = {**models.checkpoint(one, "cnn", CNN, 40, {}), "members": members}
+    save_torch(tmp_path / "cnn.pt", ckpt)
+    with pytest.raises(FerPipeError, match="cnn.pt: its weights do not fit"):
+        models.load(tmp_path / "cnn.pt")
+
+
 def test_mismatched_block_lists_are_rejected():
     with pytest.raises(FerPipeError, match="cnn.convs"):
         models.resolve_cnn_config({**CNN, "convs": [1, 1]})

@@ -4,6 +4,7 @@ import re
 
 import pandas as pd
 import pytest
+import yaml
 
 from ferpipe import demo
 
@@ -87,3 +88,22 @@ def test_dnn_param_change_reruns_only_train_dnn_and_dependants(repo):
     assert "train_dnn" in again
     assert not again & {"prepare", "split", "train_cnn", "predict", "self_train"}
     assert again <= {"train_dnn", "evaluate", "saliency", "filters"}
+
+
+def test_ensemble_change_reruns_the_cnn_side_only_and_flows_through(repo):
+    ws, _ = repo
+    before = json.loads((ws / "metrics/evaluate.json").read_text())
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    assert params["ensemble"] == {"members": 1}
+    params["ensemble"]["members"] = 2
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = repro(ws)
+    assert ran(out) == {"train_cnn", "evaluate", "predict", "saliency", "filters"}
+    assert "[cnn 2/2] epoch 2/2" in out
+    ev = json.loads((ws / "metrics/evaluate.json").read_text())
+    assert ev["cnn"]["members"] == 2 and "members" not in ev["dnn"]
+    # The parameter count stays one network's: the DNN is matched to a single CNN.
+    assert ev["cnn"]["params"] == before["cnn"]["params"]
+    t = json.loads((ws / "metrics/train_cnn.json").read_text())
+    assert t["members"] == 2 and len(t["member_val_accuracy"]) == 2
+    assert len(pd.read_csv(ws / "predictions.csv")) == 70

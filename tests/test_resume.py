@@ -175,3 +175,69 @@ def test_checkpoint_from_other_params_is_ignored(template, tmp_path):
     assert f"ignoring {RESUME}: it belongs to other params or data" in proc.stdout
     assert "resuming" not in proc.stdout and "[cnn] epoch 1/2 " in proc.stdout
     assert text  # the killed run printed its progress
+
+
+# --- ensembles (ensemble.members): seeded networks, averaged, resumable member by member ---
+
+@pytest.fixture(scope="module")
+def ensemble(template, tmp_path_factory):
+    """An uninterrupted two-network ensemble run."""
+    ws = copy_of(template, tmp_path_factory.mktemp("ensemble"), "ws")
+    ws.set_params(ensemble={"members": 2})
+    proc = ws.run("train_cnn")
+    assert f"[cnn 2/2] epoch {EPOCHS}/{EPOCHS} train loss" in proc.stdout
+    assert not list((ws.path / "checkpoints").glob("*.pt")), "finished: no resume checkpoints left"
+    return ws, result(ws)
+
+
+def test_ensemble_members_are_seeded_networks_whose_probabilities_average(reference, ensemble):
+    from ferpipe import files, infer, models
+
+    ws, (metrics, history, ckpt) = ensemble
+    ref_metrics, ref_history, ref_ckpt = reference
+    assert ckpt["members"] == 2 and metrics["members"] == 2
+    # The first member is exactly the single network of the same seed; the second is another.
+    first = {k[len("members.0."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("members.0.")}
+    second = {k[len("members.1."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("members.1.")}
+    assert first.keys() == ref_ckpt["state_dict"].keys() == second.keys()
+    assert all(torch.equal(first[k], ref_ckpt["state_dict"][k]) for k in first)
+    assert not all(torch.equal(first[k], second[k]) for k in first)
+    assert metrics["member_val_accuracy"][0] == ref_metrics["best_val_accuracy"]
+    assert metrics["params"] == ref_metrics["params"] and metrics["params_total"] == 2 * metrics["params"]
+    pd.testing.assert_frame_equal(history, ref_history, check_exact=True)  # the first member's curves
+
+    model, _ = models.load(ws.path / "models/cnn.pt")
+    assert isinstance(model, models.Ensemble) and models.single(model) is model.members[0]
+    val_x = files.load_npz(ws.path / "data/splits.npz", "splits")["val_x"]
+    probs = infer.predict_proba(model, val_x, 40, "flip")
+    each = [infer.predict_proba(m, val_x, 40, "flip") for m in model.members]
+    assert abs(probs - (each[0] + each[1]) / 2).max() < 1e-5
+    assert abs(probs - each[0]).max() > 1e-3
+    val_y = files.load_npz(ws.path / "data/splits.npz", "splits")["val_y"]
+    assert metrics["best_val_accuracy"] == float(
+        (infer.predict_proba(model, val_x, 40, "none").argmax(1) == val_y).mean())
+
+
+def test_killed_ensemble_resumes_inside_its_second_member(template, ensemble, tmp_path):
+    ws = copy_of(template, tmp_path, "killed_ensemble")
+    ws.set_params(ensemble={"members": 2})
+    second = ws.path / "checkpoints/cnn.resume.2.pt"
+    proc = subprocess.Popen([sys.executable, "stages/train_cnn.py"], cwd=ws.path,
+                            env=stage_env(ws.path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while checkpoint_epoch(second) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    out = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL, f"the ensemble ended before it could be killed:\n{out}"
+    assert checkpoint_epoch(ws.path / RESUME) == EPOCHS  # the finished first member is kept
+    assert not (ws.path / "models/cnn.pt").exists()
+
+    done = checkpoint_epoch(second)
+    proc = ws.run("train_cnn")
+    assert f"[cnn 1/2] resuming from the checkpoint after epoch {EPOCHS}" in proc.stdout
+    assert f"[cnn 2/2] resuming from the checkpoint after epoch {done}" in proc.stdout
+    assert "[cnn 1/2] epoch" not in proc.stdout and f"[cnn 2/2] epoch {EPOCHS}/{EPOCHS}" in proc.stdout
+    assert not list((ws.path / "checkpoints").glob("*.pt"))
+    assert_same_result(ensemble[1], result(ws))

@@ -269,31 +269,88 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
     return state["best_state"], hist, record
 
 
-def run(kind, model, config, splits, cfg, device, out_model, out_metrics, out_history,
-        out_summary, resume_path):
-    """Everything a training stage does after building its model: summarise, fit, save."""
+def run(kind, make_model, config, splits, cfg, out_model, out_metrics, out_history,
+        out_summary, resume_path, members=1):
+    """Everything a training stage does: build, summarise, fit, save. With members > 1 it
+    trains that many networks, seeded train.seed, train.seed + 1, ..., and saves them as one
+    ensemble whose prediction averages their probabilities."""
     import pandas as pd
 
-    from .models import checkpoint, count_params, format_summary, summary
+    from .models import Ensemble, checkpoint, count_params, format_summary, summary
     from .files import write_csv, write_json, write_text
 
-    n_params = count_params(model)
-    table = format_summary(summary(model, cfg["crop"]), f"{kind.upper()} ({n_params:,} parameters, "
-                                                        f"input 1x{cfg['crop']}x{cfg['crop']})")
-    print(table, flush=True)
-    run_id = fingerprint(kind, config, cfg, splits["train_y"], splits["val_y"],
-                         splits["train_x"][:, ::7, ::7])
-    best, hist, record = fit(model, splits["train_x"], splits["train_y"], splits["val_x"],
-                             splits["val_y"], cfg, device, kind, resume_path, run_id)
-    model.load_state_dict(best)
-    meta = {"best_epoch": record["best_epoch"], "best_val_accuracy": record["best_val_accuracy"],
-            "crop": cfg["crop"], "precision": cfg["precision"]}
+    nets, hists, records, resumes = [], [], [], []
+    for i in range(members):
+        member_cfg = {**cfg, "seed": cfg["seed"] + i}
+        device = setup(member_cfg)  # before building: the seed fixes the initial weights
+        model = make_model()
+        if i == 0:
+            n_params = count_params(model)
+            table = format_summary(summary(model, cfg["crop"]),
+                                   f"{kind.upper()} ({n_params:,} parameters, "
+                                   f"input 1x{cfg['crop']}x{cfg['crop']})")
+            if members > 1:
+                table += f"ensemble of {members} such networks, seeds {cfg['seed']}..{cfg['seed'] + members - 1}\n"
+            print(table, flush=True)
+        # Every member keeps its own checkpoint until all are done, so a killed ensemble
+        # resumes inside the member it was training and never retrains a finished one.
+        resume = resume_path and (resume_path if i == 0 else
+                                  str(Path(resume_path).with_suffix(f".{i + 1}.pt")))
+        run_id = fingerprint(kind, config, member_cfg, splits["train_y"], splits["val_y"],
+                             splits["train_x"][:, ::7, ::7])
+        name = kind if members == 1 else f"{kind} {i + 1}/{members}"
+        best, hist, record = fit(model, splits["train_x"], splits["train_y"], splits["val_x"],
+                                 splits["val_y"], member_cfg, device, name, resume, run_id)
+        model.load_state_dict(best)
+        nets.append(model.eval())
+        hists.append(hist)
+        records.append(record)
+        resumes.append(resume)
+
+    if members == 1:
+        model, record = nets[0], records[0]
+        meta = {"best_epoch": record["best_epoch"], "best_val_accuracy": record["best_val_accuracy"],
+                "crop": cfg["crop"], "precision": cfg["precision"]}
+        extra = {}
+    else:
+        model = Ensemble(nets)
+        probs = predict_proba(model, splits["val_x"], cfg["crop"], "none", cfg["eval_batch_size"],
+                              cfg["precision"], device)
+        record = ensemble_record(records, float((probs.argmax(1) == splits["val_y"]).mean()))
+        meta = {"members": [{"best_epoch": r["best_epoch"], "best_val_accuracy": r["best_val_accuracy"]}
+                            for r in records],
+                "best_val_accuracy": record["best_val_accuracy"],
+                "crop": cfg["crop"], "precision": cfg["precision"]}
+        extra = {"members": members, "params_total": count_params(model)}
     save_torch(out_model, checkpoint(model, kind, config, cfg["crop"], meta))
-    write_json(out_metrics, {"params": n_params, **record, "threads": torch.get_num_threads(),
+    write_json(out_metrics, {"params": n_params, **extra, **record,
+                             "threads": torch.get_num_threads(),
                              "precision": cfg["precision"], "batch_size": cfg["batch_size"]})
-    write_csv(out_history, pd.DataFrame(hist))
+    write_csv(out_history, pd.DataFrame(hists[0]))  # an ensemble plots its first member
     write_text(out_summary, table)
-    if resume_path:
-        Path(resume_path).unlink(missing_ok=True)  # finished: a later run must start afresh
-    print(f"[{kind}] best validation accuracy {record['best_val_accuracy']:.4f} at epoch "
-          f"{record['best_epoch']}; saved {out_model}", flush=True)
+    for resume in resumes:
+        if resume:
+            Path(resume).unlink(missing_ok=True)  # finished: a later run must start afresh
+    print(f"[{kind}] best validation accuracy {record['best_val_accuracy']:.4f}"
+          + (f" at epoch {record['best_epoch']}" if members == 1 else f" ({members} networks)")
+          + f"; saved {out_model}", flush=True)
+
+
+def ensemble_record(records, val_accuracy):
+    """One record for several fitted networks: times add up; rates and shares are averaged
+    with each network's minutes as weights."""
+    minutes = [r["train_minutes"] for r in records]
+    total = sum(minutes)
+    return {
+        "best_val_accuracy": val_accuracy,
+        "member_val_accuracy": [r["best_val_accuracy"] for r in records],
+        "member_best_epoch": [r["best_epoch"] for r in records],
+        "epochs": sum(r["epochs"] for r in records),
+        "stopped_early": any(r["stopped_early"] for r in records),
+        "seconds_per_epoch": sum(r["seconds_per_epoch"] * r["epochs"] for r in records)
+        / sum(r["epochs"] for r in records),
+        "images_per_second": sum(r["images_per_second"] * m for r, m in zip(records, minutes)) / total,
+        "train_minutes": total,
+        "data_time_share": sum(r["data_time_share"] * m for r, m in zip(records, minutes)) / total,
+        "device": records[0]["device"],
+    }
