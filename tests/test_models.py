@@ -130,3 +130,21 @@ def test_test_views_count():
     views = augment.test_views(x, 40, "tencrop")
     assert len(views) == 10 and all(v.shape == (2, 1, 40, 40) for v in views)
     torch.testing.assert_close(views[5], views[0].flip(-1))
+
+
+def test_bench_measures_each_preset_on_the_prepared_faces(workspace, monkeypatch, capsys):
+    import numpy as np
+
+    from ferpipe import bench
+    from ferpipe.files import save_npz
+
+    rng = np.random.default_rng(0)
+    save_npz(workspace.path / "splits.npz", train_x=rng.integers(0, 256, (64, 48, 48), dtype=np.uint8),
+             train_y=rng.integers(0, 7, 64))
+    workspace.set_params(train={"batch_size": 8, "threads": 1})
+    monkeypatch.chdir(workspace.path)
+    bench.main(["custom", "vgg", "--steps", "2", "--splits", "splits.npz"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["custom", "vgg"]
+    assert "4,952,903 parameters" in lines[1]
+    assert all(float(line.split(" training images/s")[0].split()[-1]) > 0 for line in lines)

@@ -1,0 +1,68 @@
+"""Training throughput of CNN presets on this machine, without a full run:
+
+    python -m ferpipe.bench custom vgg --steps 60
+
+Each preset takes `--steps` optimiser steps (after 10 warm-up steps) on random batches of
+the prepared training faces, with the augmentation, precision, batch size and optimiser of
+params.yaml's `train:` section, exactly as train.fit does them. Prints images/s per preset.
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import augment, files, models, params, train
+from .infer import autocast, channels_last
+
+WARMUP = 10
+
+
+def images_per_second(model, x_all, y_all, cfg, device, steps):
+    model.to(device).to(memory_format=torch.channels_last).train()
+    opt = train.make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    bs = cfg["batch_size"]
+    for step in range(WARMUP + steps):
+        if step == WARMUP:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        idx = torch.randint(len(y_all), (bs,), generator=gen).to(device)
+        x = augment.random_views(x_all[idx].unsqueeze(1).float().div_(255.0), cfg["augment"],
+                                 cfg["crop"], gen)
+        with autocast(device, cfg["precision"]):
+            logits = model(channels_last(x))
+        loss = F.cross_entropy(logits.float(), y_all[idx], label_smoothing=cfg["label_smoothing"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * bs / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("presets", nargs="+", choices=["custom", *models.PRESETS])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--splits", default="data/splits.npz")
+    args = ap.parse_args(argv)
+    p = params.load({"cnn": models.CNN_SCHEMA, "train": train.SCHEMA})
+    cfg = p["train"]
+    splits = files.load_npz(args.splits, "data splits", ("train_x", "train_y"))
+    device = train.setup(cfg)
+    x_all = torch.as_tensor(splits["train_x"]).to(device)
+    y_all = torch.as_tensor(splits["train_y"].astype(np.int64)).to(device)
+    for preset in args.presets:
+        model = models.FerCNN({**p["cnn"], "preset": preset}, cfg["crop"])
+        rate = images_per_second(model, x_all, y_all, cfg, device, args.steps)
+        print(f"{preset}: {models.count_params(model):,} parameters, {rate:.0f} training images/s "
+              f"({device.type}, {torch.get_num_threads()} threads, {cfg['precision']}, "
+              f"batch {cfg['batch_size']}); an epoch of {len(y_all):,} faces ≈ "
+              f"{len(y_all) / rate:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
