@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ferpipe import EMOTIONS, evaluation, files, infer, models, params, plots
+from ferpipe.augment import TTA_MODES
 from ferpipe.errors import run_stage
 from ferpipe.files import save_figure, write_csv, write_json, write_text
 from ferpipe.predict import SCHEMA as INFER_SCHEMA
@@ -62,6 +63,12 @@ def main():
             save_figure(f"plots/confusion_{kind}_{name}.png", plots.confusion_heatmap(
                 cm, f"{kind.upper()} on {name}: accuracy {s['accuracy']:.3f} ({tta})"))
             if name == "val":
+                # Every TTA mode on validation, so infer.tta can be chosen without the test split.
+                by_mode = {tta: probs, "none": single}
+                summary[kind]["val_accuracy_by_tta"] = {
+                    m: evaluation.score(y, by_mode[m] if m in by_mode else infer.predict_proba(
+                        model, x, crop, m, batch, precision, device))["accuracy"]
+                    for m in TTA_MODES}
                 summary[kind]["most_confused"] = evaluation.most_confused(cm)
                 wrong = np.flatnonzero(pred != y)
                 rng = np.random.default_rng(p["evaluate"]["seed"])

@@ -132,6 +132,19 @@ def test_test_views_count():
     torch.testing.assert_close(views[5], views[0].flip(-1))
 
 
+def test_grid_views_cover_every_tencrop_view():
+    x = torch.rand(2, 1, 48, 48)
+    grid = augment.test_views(x, 40, "grid")
+    assert len(grid) == 50 and all(v.shape == (2, 1, 40, 40) for v in grid)
+    assert len({tuple(v.flatten().tolist()[:50]) for v in grid}) == 50  # no view twice
+    for v in augment.test_views(x, 40, "tencrop"):
+        assert any(torch.equal(v, g) for g in grid)
+    # An odd margin still reaches the far edge: offsets 0, 2, 4, 6, 7.
+    odd = augment.test_views(x, 41, "grid")
+    assert len(odd) == 2 * 25 and any(torch.equal(v, x[..., 7:, 7:]) for v in odd)
+    assert len(augment.test_views(x, 48, "grid")) == 2  # no margin: the face and its mirror
+
+
 def test_bench_measures_each_preset_on_the_prepared_faces(workspace, monkeypatch, capsys):
     import numpy as np
 
