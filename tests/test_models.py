@@ -145,6 +145,21 @@ def test_grid_views_cover_every_tencrop_view():
     assert len(augment.test_views(x, 48, "grid")) == 2  # no margin: the face and its mirror
 
 
+def test_grid_zoom_adds_the_grid_of_the_shrunk_face():
+    x = torch.rand(2, 1, 48, 48)
+    grid = augment.test_views(x, 40, "grid")
+    views = augment.test_views(x, 40, "grid_zoom")
+    assert len(views) == 50 + 18 and all(v.shape == (2, 1, 40, 40) for v in views)
+    assert all(any(torch.equal(g, v) for v in views) for g in grid)
+    small = torch.nn.functional.interpolate(x, size=(44, 44), mode="bilinear",
+                                            align_corners=False, antialias=True)
+    assert any(torch.allclose(v, small[..., 2:42, 2:42]) for v in views)
+    assert any(torch.allclose(v, small[..., 4:, :40].flip(-1)) for v in views)
+    # A zoom needs a margin of at least two pixels; with none only the face and its mirror stay.
+    assert len(augment.test_views(x, 47, "grid_zoom")) == len(augment.test_views(x, 47, "grid"))
+    assert len(augment.test_views(x, 48, "grid_zoom")) == 2
+
+
 def test_bench_measures_each_preset_on_the_prepared_faces(workspace, monkeypatch, capsys):
     import numpy as np
 

@@ -48,7 +48,7 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
             assert 0 <= ev[kind][split]["macro_f1"] <= 1
         # Validation under every TTA mode; the configured (flip) and none match the main figures.
         by_tta = ev[kind]["val_accuracy_by_tta"]
-        assert set(by_tta) == {"none", "flip", "tencrop", "grid"}
+        assert set(by_tta) == {"none", "flip", "tencrop", "grid", "grid_zoom"}
         assert by_tta["flip"] == ev[kind]["val"]["accuracy"]
         assert by_tta["none"] == ev[kind]["val"]["single_crop_accuracy"]
     assert abs(ev["dnn"]["params"] - ev["cnn"]["params"]) <= 0.05 * ev["cnn"]["params"]
