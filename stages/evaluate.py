@@ -64,11 +64,12 @@ def main():
                 cm, f"{kind.upper()} on {name}: accuracy {s['accuracy']:.3f} ({tta})"))
             if name == "val":
                 # Every TTA mode on validation, so infer.tta can be chosen without the test split.
-                by_mode = {tta: probs, "none": single}
-                summary[kind]["val_accuracy_by_tta"] = {
-                    m: evaluation.score(y, by_mode[m] if m in by_mode else infer.predict_proba(
-                        model, x, crop, m, batch, precision, device))["accuracy"]
-                    for m in TTA_MODES}
+                by_tta = {tta: s["accuracy"], "none": summary[kind][name]["single_crop_accuracy"]}
+                for m in TTA_MODES:
+                    if m not in by_tta:
+                        by_tta[m] = evaluation.score(y, infer.predict_proba(
+                            model, x, crop, m, batch, precision, device))["accuracy"]
+                summary[kind]["val_accuracy_by_tta"] = {m: by_tta[m] for m in TTA_MODES}
                 summary[kind]["most_confused"] = evaluation.most_confused(cm)
                 wrong = np.flatnonzero(pred != y)
                 rng = np.random.default_rng(p["evaluate"]["seed"])
