@@ -176,3 +176,24 @@ def test_bench_measures_each_preset_on_the_prepared_faces(workspace, monkeypatch
     assert [line.split(":")[0] for line in lines] == ["custom", "vgg"]
     assert "4,952,903 parameters" in lines[1]
     assert all(float(line.split(" training images/s")[0].split()[-1]) > 0 for line in lines)
+
+
+def test_bench_compile_wraps_the_model_it_times(workspace, monkeypatch, capsys):
+    import numpy as np
+    import torch
+
+    from ferpipe import bench
+    from ferpipe.files import save_npz
+
+    save_npz(workspace.path / "splits.npz",
+             train_x=np.random.default_rng(0).integers(0, 256, (32, 48, 48), dtype=np.uint8),
+             train_y=np.arange(32) % 7)
+    workspace.set_params(train={"batch_size": 8, "threads": 1})
+    monkeypatch.chdir(workspace.path)
+    compiled = []
+    # Real compilation needs a C++ toolchain and a minute; what matters here is that the
+    # timed model is the compiled one and the parameter count is the plain network's.
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
+    bench.main(["custom", "--steps", "1", "--splits", "splits.npz", "--compile"])
+    out = capsys.readouterr().out
+    assert len(compiled) == 1 and out.startswith("custom (compiled): 1,231,207 parameters")

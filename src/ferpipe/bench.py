@@ -1,6 +1,7 @@
 """Training throughput of CNN presets on this machine, without a full run:
 
     python -m ferpipe.bench custom vgg --steps 60
+    python -m ferpipe.bench custom --compile    # the same with torch.compile, to see if it pays
 
 Each preset takes `--steps` optimiser steps (after 10 warm-up steps) on random batches of
 the prepared training faces, with the augmentation, precision, batch size and optimiser of
@@ -48,6 +49,8 @@ def main(argv=None):
     ap.add_argument("presets", nargs="+", choices=["custom", *models.PRESETS])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--splits", default="data/splits.npz")
+    ap.add_argument("--compile", action="store_true",
+                    help="wrap each model in torch.compile (compilation happens in the warm-up steps)")
     args = ap.parse_args(argv)
     p = params.load({"cnn": models.CNN_SCHEMA, "train": train.SCHEMA})
     cfg = p["train"]
@@ -57,8 +60,12 @@ def main(argv=None):
     y_all = torch.as_tensor(splits["train_y"].astype(np.int64)).to(device)
     for preset in args.presets:
         model = models.FerCNN({**p["cnn"], "preset": preset}, cfg["crop"])
+        n_params = models.count_params(model)
+        if args.compile:
+            model = torch.compile(model)
         rate = images_per_second(model, x_all, y_all, cfg, device, args.steps)
-        print(f"{preset}: {models.count_params(model):,} parameters, {rate:.0f} training images/s "
+        print(f"{preset}{' (compiled)' if args.compile else ''}: {n_params:,} parameters, "
+              f"{rate:.0f} training images/s "
               f"({device.type}, {torch.get_num_threads()} threads, {cfg['precision']}, "
               f"batch {cfg['batch_size']}); an epoch of {len(y_all):,} faces ≈ "
               f"{len(y_all) / rate:.0f} s", flush=True)
