@@ -421,6 +421,9 @@ CASES = [
     pytest.param("train_cnn", with_params({"ensemble": {"members": 0}}),
                  ["params.yaml: ensemble.members: must be an integer in [1, 50], got 0"],
                  id="params-ensemble-of-none"),
+    pytest.param("train_cnn", with_params({"train": {"ema_decay": 1}}),
+                 ["params.yaml: train.ema_decay: must be a number in [0.0, 1.0), got 1"],
+                 id="params-ema-that-never-moves"),
     # --- the split stage's input
     pytest.param("split", lambda ws: None,
                  ["data/prepared/faces.npz: not found; run the stage that makes the prepared "

@@ -23,7 +23,8 @@ from conftest import TINY_CNN, TINY_TRAIN, Workspace, stage_env
 EPOCHS = 4
 # Small, but each epoch lasts long enough (about a second or more) for the progress lines
 # that train.log_seconds asks for to show the run is inside an epoch.
-TRAIN = {**TINY_TRAIN, "epochs": EPOCHS, "batch_size": 16, "log_seconds": 1}
+TRAIN = {**TINY_TRAIN, "epochs": EPOCHS, "batch_size": 16, "log_seconds": 1,
+         "ema_decay": 0.9}  # the weight average must resume too
 CNN = {**TINY_CNN, "widths": [32, 64], "convs": [2, 2]}
 TIMING = {"seconds_per_epoch", "images_per_second", "train_minutes", "data_time_share"}
 HISTORY_TIMING = ["seconds", "images_per_second"]

@@ -6,6 +6,7 @@ A checkpoint holding everything needed to continue (model, optimiser, schedule, 
 states, history) is written atomically after every epoch, so a killed run resumes where
 it stopped and ends exactly as an uninterrupted one would.
 """
+import copy
 import hashlib
 import json
 import math
@@ -38,6 +39,7 @@ SCHEMA = {
     "class_weights": choice("none", "balanced", "sqrt"),
     "mixup_alpha": number(lo=0.0),
     "cutmix_alpha": number(lo=0.0),
+    "ema_decay": number(lo=0.0, hi=1.0, hi_open=True),
     "early_stopping": integer(lo=0),
     "seed": integer(lo=0),
     "device": choice("auto", "cpu", "cuda"),
@@ -129,6 +131,21 @@ def mix_batch(x, y, cfg, gen):
     return x, y, y[perm], lam
 
 
+def ema_pairs(ema, model):
+    """(averaged, live) tensor pairs; state_dict tensors share storage with the modules, so
+    updating them in place updates the averaged network."""
+    return list(zip(ema.state_dict().values(), model.state_dict().values()))
+
+
+@torch.no_grad()
+def ema_update(pairs, decay):
+    for avg, live in pairs:
+        if avg.dtype.is_floating_point:
+            avg.lerp_(live, 1.0 - decay)
+        else:
+            avg.copy_(live)  # BN's batch counter
+
+
 def fingerprint(*parts):
     """Identifies a run's inputs, so a checkpoint from other params or data is never resumed."""
     h = hashlib.sha256()
@@ -151,6 +168,9 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
     weight = class_weights(train_y, cfg["class_weights"])
     weight = weight.to(device) if weight is not None else None
     gen = torch.Generator().manual_seed(cfg["seed"])
+    # An exponential moving average of the weights and BN statistics, scored on validation
+    # beside the live weights every epoch: validation decides which of the two is kept.
+    ema = copy.deepcopy(model) if cfg["ema_decay"] > 0 else None
 
     state = {"epoch": 0, "history": [], "best_acc": -1.0, "best_epoch": 0, "best_state": None,
              "bad_epochs": 0, "train_seconds": 0.0, "compute_seconds": 0.0}
@@ -161,6 +181,8 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
                                "to train from the start")
         if ckpt.get("run_id") == run_id:
             model.load_state_dict(ckpt["model"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             gen.set_state(ckpt["gen"])
@@ -171,6 +193,7 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
         else:
             print(f"[{name}] ignoring {resume_path}: it belongs to other params or data", flush=True)
 
+    pairs = ema_pairs(ema, model) if ema is not None else []
     for epoch in range(state["epoch"] + 1, cfg["epochs"] + 1):
         model.train()
         t0 = time.perf_counter()
@@ -200,6 +223,11 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                # A shorter memory over the first steps, so the average forgets the random
+                # initial weights quickly (the num_updates form of TF's moving average).
+                t = (epoch - 1) * steps_per_epoch + step
+                ema_update(pairs, min(cfg["ema_decay"], (1 + t) / (10 + t)))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             compute += time.perf_counter() - tc
@@ -215,11 +243,13 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
                 last_log = now
         train_time = time.perf_counter() - t0
 
-        probs = predict_proba(model, val_x, cfg["crop"], "none", cfg["eval_batch_size"],
-                              cfg["precision"], device)
-        val_y_t = torch.as_tensor(val_y.astype(np.int64))
-        val_loss = float(F.nll_loss(torch.log(torch.as_tensor(probs).clamp_min(1e-12)), val_y_t))
-        val_acc = float((probs.argmax(1) == val_y).mean())
+        val_loss, val_acc = score(model, val_x, val_y, cfg, device)
+        row = {"val_loss": val_loss, "val_accuracy": val_acc}
+        best_net, best_acc = model, val_acc
+        if ema is not None:
+            row["val_loss_ema"], row["val_accuracy_ema"] = score(ema, val_x, val_y, cfg, device)
+            if row["val_accuracy_ema"] > val_acc:
+                best_net, best_acc = ema, row["val_accuracy_ema"]
         epoch_time = time.perf_counter() - t0
 
         state["epoch"] = epoch
@@ -227,24 +257,27 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
         state["compute_seconds"] += compute
         state["history"].append({
             "epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-            "val_loss": val_loss, "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"],
+            **row, "lr": opt.param_groups[0]["lr"],
             "seconds": epoch_time, "images_per_second": seen / train_time})
-        if val_acc > state["best_acc"]:
-            state.update(best_acc=val_acc, best_epoch=epoch, bad_epochs=0,
-                         best_state={k: v.detach().clone().cpu() for k, v in model.state_dict().items()})
+        if best_acc > state["best_acc"]:
+            state.update(best_acc=best_acc, best_epoch=epoch, bad_epochs=0,
+                         best_weights="ema" if best_net is ema else "live",
+                         best_state={k: v.detach().clone().cpu() for k, v in best_net.state_dict().items()})
         else:
             state["bad_epochs"] += 1
         done_epochs = len(state["history"])
         eta = sum(h["seconds"] for h in state["history"]) / done_epochs * (cfg["epochs"] - epoch)
         print(f"[{name}] epoch {epoch}/{cfg['epochs']} train loss {loss_sum / seen:.4f} "
               f"acc {correct / seen:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} "
+              + (f"(ema {row['val_accuracy_ema']:.4f}) " if ema is not None else "") +
               f"(best {state['best_acc']:.4f} @ {state['best_epoch']}) | "
               f"lr {opt.param_groups[0]['lr']:.2e} | {epoch_time:.0f}s, {seen / train_time:.0f} img/s, "
               f"left ~{eta / 60:.1f} min", flush=True)
         stop = cfg["early_stopping"] and state["bad_epochs"] >= cfg["early_stopping"]
         if resume_path:
             save_torch(resume_path, {
-                "run_id": run_id, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "run_id": run_id, "model": model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "gen": gen.get_state(),
                 "torch_rng": torch.get_rng_state(), "state": state})
         if stop:
@@ -266,7 +299,20 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
         "data_time_share": 1 - state["compute_seconds"] / state["train_seconds"],
         "device": device.type,
     }
+    if ema is not None:
+        record.update(best_weights=state["best_weights"],
+                      best_val_accuracy_live=max(h["val_accuracy"] for h in hist),
+                      best_val_accuracy_ema=max(h["val_accuracy_ema"] for h in hist))
     return state["best_state"], hist, record
+
+
+def score(model, val_x, val_y, cfg, device):
+    """Single-crop validation loss and accuracy."""
+    probs = predict_proba(model, val_x, cfg["crop"], "none", cfg["eval_batch_size"],
+                          cfg["precision"], device)
+    val_y_t = torch.as_tensor(val_y.astype(np.int64))
+    loss = float(F.nll_loss(torch.log(torch.as_tensor(probs).clamp_min(1e-12)), val_y_t))
+    return loss, float((probs.argmax(1) == val_y).mean())
 
 
 def run(kind, make_model, config, splits, cfg, out_model, out_metrics, out_history,
