@@ -47,6 +47,32 @@ def test_summary_rows_add_up_and_shapes_flow():
     assert "total parameters" in models.format_summary(rows, "CNN")
 
 
+@pytest.mark.parametrize("pool_last_block", [True, False])
+def test_last_block_pooling_and_the_edge_it_drops(pool_last_block):
+    # A 40px crop reaches the fourth block at 5x5; 2x2 pooling keeps its top-left 4x4.
+    cfg = {**CNN, "widths": [4, 8, 8, 8], "convs": [1, 1, 1, 1], "head": [8],
+           "pool_last_block": pool_last_block}
+    cnn = models.FerCNN(cfg, 40).eval()
+    shapes = {name: shape for name, _, shape, _ in models.summary(cnn, 40)}
+    assert shapes["features.block4.pool"] == ((8, 2, 2) if pool_last_block else (8, 5, 5))
+    maps = {}
+    cnn.features.block4.act1.register_forward_hook(lambda m, i, o: maps.update(out=o))
+    out = cnn(torch.rand(3, 1, 40, 40))
+    grad, = torch.autograd.grad(out[:, 0].sum(), maps["out"])  # d score / d last feature map
+    edge = torch.cat([grad[..., 4, :].flatten(), grad[..., :, 4].flatten()])
+    assert (edge.abs().sum() == 0) == pool_last_block
+    assert grad[..., :4, :4].abs().sum() > 0
+
+
+def test_models_saved_before_pool_last_block_still_load(tmp_path):
+    from ferpipe.files import save_torch
+    cnn = models.build("cnn", CNN, 40)
+    assert "pool_last_block" not in CNN
+    save_torch(tmp_path / "cnn.pt", models.checkpoint(cnn, "cnn", CNN, 40, {}))
+    back, _ = models.load(tmp_path / "cnn.pt")
+    assert isinstance(back.features.block3.pool, torch.nn.MaxPool2d)
+
+
 def test_course_keras_preset_builds_the_report_architecture():
     cnn = models.FerCNN({**CNN, "preset": "course_keras"}, 48)
     convs = [m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -21,6 +21,7 @@ CNN_SCHEMA = {
     "residual": boolean(),
     "activation": choice(*ACTIVATIONS),
     "pooling": choice("max", "avg"),
+    "pool_last_block": boolean(),
     "block_dropout": number(lo=0.0, hi=1.0, hi_open=True),
     "global_pool": choice("avg", "flatten"),
     "head": list_of(integer(lo=1)),
@@ -41,14 +42,16 @@ PRESETS = {
     # max-pooling and dropout, then dense 1024-512-256-128.
     "course_keras": {
         "widths": [32, 64, 128], "convs": [2, 2, 2], "kernel": 3, "batch_norm": False,
-        "residual": False, "activation": "relu", "pooling": "max", "block_dropout": 0.25,
+        "residual": False, "activation": "relu", "pooling": "max", "pool_last_block": True,
+        "block_dropout": 0.25,
         "global_pool": "flatten", "head": [1024, 512, 256, 128], "head_dropout": 0.5,
     },
     # The long configuration's network (README, "Long runs"): VGG-style, the family behind
     # the best from-scratch FER2013 results: 5.0M parameters, ~2x the default's multiply-adds.
     "vgg": {
         "widths": [64, 128, 256, 512], "convs": [2, 2, 2, 2], "kernel": 3, "batch_norm": True,
-        "residual": False, "activation": "relu", "pooling": "max", "block_dropout": 0.1,
+        "residual": False, "activation": "relu", "pooling": "max", "pool_last_block": True,
+        "block_dropout": 0.1,
         "global_pool": "avg", "head": [512], "head_dropout": 0.4,
     },
 }
@@ -63,7 +66,8 @@ def resolve_cnn_config(cfg):
                            f"cnn.widths has {len(cfg['widths'])}; give one per block")
     if cfg["preset"] != "custom":
         cfg = {**cfg, **PRESETS[cfg["preset"]]}
-    return cfg
+    # Models saved before the key existed pooled after every block.
+    return {"pool_last_block": True, **cfg}
 
 
 def _activation(name, channels):
@@ -86,7 +90,8 @@ class Normalize(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    def __init__(self, cin, cout, n, kernel, batch_norm, activation, pooling, dropout, residual):
+    def __init__(self, cin, cout, n, kernel, batch_norm, activation, pooling, dropout, residual,
+                 pool=True):
         super().__init__()
         self.layer_names = []
         for i in range(n):
@@ -102,7 +107,7 @@ class ConvBlock(nn.Module):
         if residual:
             self.skip = nn.Identity() if cin == cout else nn.Sequential(
                 nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout) if batch_norm else nn.Identity())
-        self.pool = nn.MaxPool2d(2) if pooling == "max" else nn.AvgPool2d(2)
+        self.pool = nn.Identity() if not pool else nn.MaxPool2d(2) if pooling == "max" else nn.AvgPool2d(2)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
@@ -134,14 +139,18 @@ class FerCNN(nn.Module):
         cfg = resolve_cnn_config(cfg)
         self.norm = Normalize()
         blocks, cin, size = OrderedDict(), 1, input_size
+        n_blocks = len(cfg["widths"])
         for i, (width, n) in enumerate(zip(cfg["widths"], cfg["convs"])):
-            if size < 2:
+            # 2x2 pooling floors odd sizes: a 40px crop reaches the last block at 5x5, whose
+            # pooling keeps the top-left 4x4 and drops the bottom row and the right column.
+            pool = i < n_blocks - 1 or cfg["pool_last_block"]
+            if pool and size < 2:
                 raise FerPipeError(f"params.yaml: cnn.widths: {len(cfg['widths'])} pooling blocks "
                                    f"shrink a {input_size}px input below 1px; use fewer blocks")
             blocks[f"block{i + 1}"] = ConvBlock(cin, width, n, cfg["kernel"], cfg["batch_norm"],
                                                 cfg["activation"], cfg["pooling"],
-                                                cfg["block_dropout"], cfg["residual"])
-            cin, size = width, size // 2
+                                                cfg["block_dropout"], cfg["residual"], pool)
+            cin, size = width, size // 2 if pool else size
         self.features = nn.Sequential(blocks)
         if cfg["global_pool"] == "avg":
             self.pool, n_flat = nn.AdaptiveAvgPool2d(1), cin
