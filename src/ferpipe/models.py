@@ -107,7 +107,10 @@ class ConvBlock(nn.Module):
         if residual:
             self.skip = nn.Identity() if cin == cout else nn.Sequential(
                 nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout) if batch_norm else nn.Identity())
-        self.pool = nn.Identity() if not pool else nn.MaxPool2d(2) if pooling == "max" else nn.AvgPool2d(2)
+        if not pool:
+            self.pool = nn.Identity()
+        else:
+            self.pool = nn.MaxPool2d(2) if pooling == "max" else nn.AvgPool2d(2)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
