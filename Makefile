@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 SHARED_ZIP := ../shared/data/fer2013-train-publictest.zip
 
-.PHONY: install test demo run data clean-demo
+.PHONY: install test test-fast demo run data clean-demo
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+# The inner loop: everything but the end-to-end stage runs (marked slow).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 demo: install
 	$(PY) -m ferpipe.demo

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ferpipe import EMOTIONS, evaluation, files, infer, models, params, plots
+from ferpipe import EMOTIONS, evaluation, files, infer, models, params, plots, runtime
 from ferpipe.augment import TTA_MODES
 from ferpipe.errors import run_stage
 from ferpipe.files import save_figure, write_csv, write_json, write_text
@@ -26,13 +26,15 @@ SPLITS = ("val", "test", "private")
 
 def main():
     p = params.load({"infer": INFER_SCHEMA, "evaluate": evaluation.SCHEMA})
-    tta, batch = p["infer"]["tta"], p["infer"]["batch_size"]
+    tta = p["infer"]["tta"]
+    rt = runtime.setup(runtime.load())
+    # The precision that suits this machine, not the one the models were trained with.
+    device, precision, batch = rt["device"], rt["precision"], rt["batch_size"]
     splits = files.load_npz(IN_SPLITS, "data splits")
-    device = infer.pick_device("auto")
     summary, per_class = {}, {}
     for kind, path in IN_MODELS.items():
         model, ckpt = models.load(path, device)
-        crop, precision = ckpt["input_size"], ckpt["meta"]["precision"]
+        crop = ckpt["input_size"]
         trained = json.loads(Path(IN_TRAIN_METRICS[kind]).read_text())
         # Parameters of one network: the DNN is matched to one CNN, not to an ensemble.
         summary[kind] = {"params": models.count_params(models.single(model)),
@@ -63,13 +65,14 @@ def main():
             save_figure(f"plots/confusion_{kind}_{name}.png", plots.confusion_heatmap(
                 cm, f"{kind.upper()} on {name}: accuracy {s['accuracy']:.3f} ({tta})"))
             if name == "val":
-                # Every TTA mode on validation, so infer.tta can be chosen without the test split.
+                # TTA modes on validation, so infer.tta can be chosen without the test split.
                 by_tta = {tta: s["accuracy"], "none": summary[kind][name]["single_crop_accuracy"]}
-                for m in TTA_MODES:
+                for m in p["evaluate"]["tta_modes"]:
                     if m not in by_tta:
                         by_tta[m] = evaluation.score(y, infer.predict_proba(
                             model, x, crop, m, batch, precision, device))["accuracy"]
-                summary[kind]["val_accuracy_by_tta"] = {m: by_tta[m] for m in TTA_MODES}
+                summary[kind]["val_accuracy_by_tta"] = {m: by_tta[m] for m in TTA_MODES
+                                                        if m in by_tta}
                 summary[kind]["most_confused"] = evaluation.most_confused(cm)
                 wrong = np.flatnonzero(pred != y)
                 rng = np.random.default_rng(p["evaluate"]["seed"])
@@ -82,6 +85,7 @@ def main():
                   f"(single crop {summary[kind][name]['single_crop_accuracy']:.4f}), "
                   f"macro-F1 {s['macro_f1']:.4f}", flush=True)
     summary["comparison"] = comparison(summary)
+    summary["runtime"] = runtime.record(rt)
     write_json(OUT_METRICS, summary)
     write_json(OUT_PER_CLASS, per_class)
     write_text(OUT_COMPARISON, comparison_table(summary))

@@ -1,7 +1,7 @@
 """Stage filters: what the CNN's filters respond to. Gradient ascent on the input (from
 noise and from a real face) for the first filters of chosen layers, the feature maps of one
 face, the first convolution's kernels and the DNN's first-layer weights as images."""
-from ferpipe import explain, files, infer, models, params
+from ferpipe import explain, files, models, params, runtime
 from ferpipe.errors import run_stage
 from ferpipe.files import save_figure, write_json
 
@@ -19,7 +19,9 @@ OUT_METRICS = "metrics/filters.json"
 def main():
     p = params.load({"filters": explain.FILTERS_SCHEMA})["filters"]
     splits = files.load_npz(IN_SPLITS, "data splits")
-    device = infer.pick_device("auto")
+    # Gradients stay in fp32 (bf16 would blur small saliency values); threads and device
+    # come from the runtime section.
+    device = runtime.setup(runtime.load())["device"]
     cnn, cnn_ckpt = models.load(IN_CNN, device)
     cnn = models.single(cnn)  # an ensemble is explained through its first network
     dnn, _ = models.load(IN_DNN, device)

@@ -1,7 +1,7 @@
 """Stage saliency: where the CNN looks. Vanilla gradient, SmoothGrad and Grad-CAM maps on
 chosen validation faces, the same faces through the DNN, and class-average maps over the
 whole validation split."""
-from ferpipe import explain, files, infer, models, params
+from ferpipe import explain, files, models, params, runtime
 from ferpipe.errors import run_stage
 from ferpipe.files import save_figure, write_json
 
@@ -17,7 +17,9 @@ OUT_METRICS = "metrics/saliency.json"
 def main():
     p = params.load({"saliency": explain.SALIENCY_SCHEMA})["saliency"]
     splits = files.load_npz(IN_SPLITS, "data splits")
-    device = infer.pick_device("auto")
+    # Gradients stay in fp32 (bf16 would blur small saliency values); threads and device
+    # come from the runtime section.
+    device = runtime.setup(runtime.load())["device"]
     cnn, cnn_ckpt = models.load(IN_CNN, device)
     cnn = models.single(cnn)  # an ensemble is explained through its first network
     dnn, dnn_ckpt = models.load(IN_DNN, device)

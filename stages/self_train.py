@@ -3,7 +3,7 @@ CNN on the rest (the baseline), then self-train in rounds on confident pseudo-la
 compare; the hidden labels only score the pseudo-labels."""
 from pathlib import Path
 
-from ferpipe import files, models, params, selftrain, train
+from ferpipe import files, models, params, runtime, selftrain, train
 from ferpipe.errors import run_stage
 
 IN_SPLITS = "data/splits.npz"
@@ -18,8 +18,8 @@ def main():
                      "self_train": selftrain.SCHEMA})
     arch, cfg, st = models.resolve_cnn_config(p["cnn"]), p["train"], p["self_train"]
     splits = files.load_npz(IN_SPLITS, "data splits")
-    device = train.setup(cfg)
-    result = selftrain.run(lambda: models.FerCNN(arch, cfg["crop"]), splits, cfg, st, device,
+    rt = runtime.setup(runtime.load())
+    result = selftrain.run(lambda: models.FerCNN(arch, cfg["crop"]), splits, cfg, st, rt,
                            RESUME_PREFIX)
     model = models.FerCNN(arch, cfg["crop"])
     model.load_state_dict(result["state"])

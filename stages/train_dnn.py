@@ -1,6 +1,6 @@
 """Stage train_dnn: a fully connected network whose hidden widths are computed so its
 parameter count matches the CNN's, trained by the same loop with the same settings."""
-from ferpipe import files, models, params, train
+from ferpipe import files, models, params, runtime, train
 from ferpipe.errors import run_stage
 
 IN_SPLITS = "data/splits.npz"
@@ -17,9 +17,10 @@ def main():
     target = models.count_params(models.FerCNN(models.resolve_cnn_config(p["cnn"]), cfg["crop"]))
     widths = models.dnn_widths(p["dnn"], cfg["crop"], target)
     print(f"dnn: hidden widths {widths} to match the CNN's {target:,} parameters", flush=True)
+    rt = runtime.setup(runtime.load())
     splits = files.load_npz(IN_SPLITS, "data splits")
     config = {**p["dnn"], "widths": widths}
-    train.run("dnn", lambda: models.build("dnn", config, cfg["crop"]), config, splits, cfg,
+    train.run("dnn", lambda: models.build("dnn", config, cfg["crop"]), config, splits, cfg, rt,
               OUT_MODEL, OUT_METRICS, OUT_HISTORY, OUT_SUMMARY, RESUME)
 
 

@@ -209,6 +209,7 @@ def test_figures_have_their_panels(nets, faces):
     plt.close("all")
 
 
+@pytest.mark.slow
 def test_stages_run_end_to_end(workspace, nets, faces):
     ws = workspace
     cnn, dnn = nets

@@ -195,13 +195,34 @@ def test_bench_measures_each_preset_on_the_prepared_faces(workspace, monkeypatch
     rng = np.random.default_rng(0)
     save_npz(workspace.path / "splits.npz", train_x=rng.integers(0, 256, (64, 48, 48), dtype=np.uint8),
              train_y=rng.integers(0, 7, 64))
-    workspace.set_params(train={"batch_size": 8, "threads": 1})
+    workspace.set_params(train={"batch_size": 8}, runtime={"threads": 1})
     monkeypatch.chdir(workspace.path)
     bench.main(["custom", "vgg", "--steps", "2", "--splits", "splits.npz"])
-    lines = capsys.readouterr().out.splitlines()
+    head, *lines = capsys.readouterr().out.splitlines()
+    # The machine first: its CPU capability (or GPU) and threads, then one line per preset.
+    assert head.startswith(f"bench: CPU {torch.backends.cpu.get_cpu_capability()}, ")
+    assert "; 1 threads;" in head
     assert [line.split(":")[0] for line in lines] == ["custom", "vgg"]
     assert "4,952,903 parameters" in lines[1]
     assert all(float(line.split(" training images/s")[0].split()[-1]) > 0 for line in lines)
+    assert all("from auto" in line for line in lines)
+
+
+def test_bench_compares_precisions(workspace, monkeypatch, capsys):
+    import numpy as np
+
+    from ferpipe import bench
+    from ferpipe.files import save_npz
+
+    save_npz(workspace.path / "splits.npz",
+             train_x=np.random.default_rng(0).integers(0, 256, (32, 48, 48), dtype=np.uint8),
+             train_y=np.arange(32) % 7)
+    workspace.set_params(train={"batch_size": 8}, runtime={"threads": 1})
+    monkeypatch.chdir(workspace.path)
+    bench.main(["custom", "--steps", "1", "--splits", "splits.npz", "--precision", "fp32", "bf16"])
+    _, *lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert "1 threads, fp32, batch 8" in lines[0] and "1 threads, bf16, batch 8" in lines[1]
 
 
 def test_bench_compile_wraps_the_model_it_times(workspace, monkeypatch, capsys):
@@ -214,7 +235,7 @@ def test_bench_compile_wraps_the_model_it_times(workspace, monkeypatch, capsys):
     save_npz(workspace.path / "splits.npz",
              train_x=np.random.default_rng(0).integers(0, 256, (32, 48, 48), dtype=np.uint8),
              train_y=np.arange(32) % 7)
-    workspace.set_params(train={"batch_size": 8, "threads": 1})
+    workspace.set_params(train={"batch_size": 8}, runtime={"threads": 1})
     monkeypatch.chdir(workspace.path)
     calls = []
 
@@ -231,6 +252,6 @@ def test_bench_compile_wraps_the_model_it_times(workspace, monkeypatch, capsys):
     # timed model is the compiled one and the parameter count is the plain network's.
     monkeypatch.setattr(torch, "compile", Compiled)
     bench.main(["custom", "--steps", "1", "--splits", "splits.npz", "--compile"])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()[1]
     assert calls == [8] * (bench.WARMUP + 1)
     assert out.startswith("custom (compiled): 1,231,207 parameters")

@@ -8,9 +8,12 @@ import yaml
 
 from ferpipe import demo
 
-from conftest import TINY_CNN, TINY_TRAIN
+from conftest import ROOT, TINY_CNN, TINY_RUNTIME, TINY_TRAIN
 
-TINY = {"train": TINY_TRAIN, "cnn": TINY_CNN, "infer": {"tta": "flip"},
+pytestmark = pytest.mark.slow  # trains through the stages end to end
+
+DEFAULT_PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+TINY = {"train": TINY_TRAIN, "runtime": TINY_RUNTIME, "cnn": TINY_CNN, "infer": {"tta": "flip"},
         "evaluate": {"misclassified": 8},
         "saliency": {"per_class": 1, "smoothgrad_samples": 3},
         "filters": {"layers": ["features.block1.conv1", "features.block2.conv1"], "filters": 4,
@@ -46,9 +49,10 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
         for split in ("val", "test"):
             assert 0 <= ev[kind][split]["accuracy"] <= 1
             assert 0 <= ev[kind][split]["macro_f1"] <= 1
-        # Validation under every TTA mode; the configured (flip) and none match the main figures.
+        # Validation under evaluate.tta_modes, infer.tta (flip) and none; the last two match
+        # the main figures.
         by_tta = ev[kind]["val_accuracy_by_tta"]
-        assert set(by_tta) == {"none", "flip", "tencrop", "grid", "grid_zoom"}
+        assert set(by_tta) == {"none", "flip", *DEFAULT_PARAMS["evaluate"]["tta_modes"]}
         assert by_tta["flip"] == ev[kind]["val"]["accuracy"]
         assert by_tta["none"] == ev[kind]["val"]["single_crop_accuracy"]
     assert abs(ev["dnn"]["params"] - ev["cnn"]["params"]) <= 0.05 * ev["cnn"]["params"]
@@ -82,6 +86,24 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
 def test_nothing_reruns_when_nothing_changed(repo):
     ws, _ = repo
     assert ran(repro(ws)) == set()
+
+
+def test_runtime_settings_rerun_nothing(repo):
+    ws, _ = repo
+    t = json.loads((ws / "metrics/train_cnn.json").read_text())
+    assert t["precision"] in ("bf16", "fp32") and t["precision_requested"] == "auto"
+    assert "cpu_capability" in t or "gpu" in t
+    ev = json.loads((ws / "metrics/evaluate.json").read_text())
+    assert ev["runtime"]["precision"] == t["precision"]  # the same machine chose the same
+    path = ws / "params.yaml"
+    before = path.read_text()
+    params = yaml.safe_load(before)
+    params["runtime"].update(precision="fp32", threads=2, log_seconds=5, batch_size=64)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert ran(repro(ws)) == set()
+    finally:
+        path.write_text(before)
 
 
 def test_dnn_param_change_reruns_only_train_dnn_and_dependants(repo):

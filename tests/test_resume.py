@@ -18,13 +18,16 @@ import torch
 
 from ferpipe import synthetic
 
-from conftest import TINY_CNN, TINY_TRAIN, Workspace, stage_env
+from conftest import TINY_CNN, TINY_RUNTIME, TINY_TRAIN, Workspace, stage_env
+
+pytestmark = pytest.mark.slow  # trains through the stages end to end
 
 EPOCHS = 4
 # Small, but each epoch lasts long enough (about a second or more) for the progress lines
-# that train.log_seconds asks for to show the run is inside an epoch.
-TRAIN = {**TINY_TRAIN, "epochs": EPOCHS, "batch_size": 16, "log_seconds": 1,
+# that runtime.log_seconds asks for to show the run is inside an epoch.
+TRAIN = {**TINY_TRAIN, "epochs": EPOCHS, "batch_size": 16,
          "ema_decay": 0.9}  # the weight average must resume too
+RUNTIME = {**TINY_RUNTIME, "log_seconds": 1}
 CNN = {**TINY_CNN, "widths": [32, 64], "convs": [2, 2]}
 TIMING = {"seconds_per_epoch", "images_per_second", "train_minutes", "data_time_share"}
 HISTORY_TIMING = ["seconds", "images_per_second"]
@@ -38,7 +41,7 @@ def template(tmp_path_factory):
     path.mkdir()
     ws = Workspace(path)
     synthetic.write_dataset(path / "data/raw", "fer2013_csv", 80, 1, seed=0)
-    ws.set_params(train=TRAIN, cnn=CNN)
+    ws.set_params(train=TRAIN, runtime=RUNTIME, cnn=CNN)
     ws.run("prepare")
     ws.run("split")
     return path
@@ -96,7 +99,7 @@ def checkpoint_epoch(path):
 
 def run_and_kill_in_epoch(ws, epoch, timeout=300):
     """Start train_cnn and SIGKILL it inside `epoch`, once the checkpoint of the epoch before
-    is on disk: when a progress line of `epoch` shows (train.log_seconds), or, if none has
+    is on disk: when a progress line of `epoch` shows (runtime.log_seconds), or, if none has
     shown yet, 40% of an epoch's time after the line that ended the epoch before (timed from
     the two lines before it), so the kill lands among the epoch's batches on fast and slow
     machines alike. Returns the output the run printed."""

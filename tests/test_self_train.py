@@ -11,7 +11,7 @@ import ferpipe.train
 from ferpipe import NUM_CLASSES, models, params, selftrain, synthetic, train
 from ferpipe.errors import FerPipeError
 
-from conftest import ROOT, TINY_CNN, TINY_TRAIN
+from conftest import ROOT, TINY_CNN, TINY_RUNTIME, TINY_TRAIN, tiny_runtime
 
 ST = {"unlabeled_fraction": 0.75, "seed": 0, "rounds": 3, "threshold": 0.8, "class_cap": 0.0,
       "include_unlabelled": True, "retrain": "scratch", "epochs": 0, "tta": "none"}
@@ -103,7 +103,7 @@ def test_hidden_labels_never_reach_the_trainer(monkeypatch, tiny):
     val_y = rng.integers(0, NUM_CLASSES, 14)
     fits, predicted_pools = [], []
 
-    def fake_fit(model, x, y, val_x, val_y, cfg, device, name, resume_path=None, run_id=""):
+    def fake_fit(model, x, y, val_x, val_y, cfg, rt, name, resume_path=None, run_id=""):
         fits.append((x.copy(), y.copy()))
         return ({k: v.clone() for k, v in model.state_dict().items()}, [],
                 {"best_epoch": 1, "best_val_accuracy": 0.5, "train_minutes": 0.0})
@@ -122,7 +122,7 @@ def test_hidden_labels_never_reach_the_trainer(monkeypatch, tiny):
     monkeypatch.setattr(ferpipe.infer, "predict_proba", fake_predict)
     res = selftrain.self_train(lambda: models.FerCNN(arch, cfg["crop"]), lab_x, lab_y, pool_x,
                                hidden, val_x, val_y, val_x[:0], val_y[:0], cfg, ST,
-                               torch.device("cpu"))
+                               tiny_runtime())
 
     pred_of = dict(zip(_ids(pool_x), pool_pred))
     hidden_of = dict(zip(_ids(pool_x), hidden))
@@ -166,7 +166,7 @@ def test_threshold_no_face_reaches_stops_with_the_baseline(monkeypatch, tiny):
     x, y = synthetic.make_faces(4, seed=5)
     st = {**ST, "threshold": 1.0, "tta": "flip"}
     res = selftrain.self_train(lambda: models.FerCNN(arch, cfg["crop"]), x[:7], y[:7], x[7:],
-                               y[7:], x[:7], y[:7], x[:7], y[:7], cfg, st, torch.device("cpu"))
+                               y[7:], x[:7], y[:7], x[:7], y[:7], cfg, st, tiny_runtime())
     assert calls == [7] and res["selected_round"] == 0
     assert res["rounds"][1]["skipped"] and res["rounds"][1]["added"] == 0
     m = selftrain.metrics({**res, "train_faces": 28, "extra_unlabelled": 0})
@@ -191,7 +191,7 @@ def test_real_rounds_score_what_the_trainer_was_given(monkeypatch, tiny):
     st = {**ST, "threshold": 0.0, "class_cap": 0.5, "rounds": 2, "tta": "flip"}
     cfg = {**cfg, "batch_size": 16}  # two steps an epoch: onecycle needs more than two steps
     res = selftrain.run(lambda: models.FerCNN(arch, cfg["crop"]), splits, cfg, st,
-                        train.setup(cfg))
+                        tiny_runtime())
     lab, hid = selftrain.hide_labels(y, 0.75, 0)
     row = {img.tobytes(): i for i, img in enumerate(x)}
     x1, y1 = seen[1]
@@ -218,7 +218,7 @@ def test_a_rerun_resumes_every_round_from_its_checkpoint(tmp_path, capsys, tiny)
 
     def go():
         return selftrain.self_train(lambda: models.FerCNN(arch, cfg["crop"]), *args,
-                                    train.setup(cfg), resume_prefix=str(tmp_path / "st"))
+                                    tiny_runtime(), resume_prefix=str(tmp_path / "st"))
 
     first = go()
     assert len(first["resume_files"]) == 2 and "resuming" not in capsys.readouterr().out
@@ -241,6 +241,7 @@ def _prepare(ws, form):
     ws.run("split")
 
 
+@pytest.mark.slow
 def test_stage_end_to_end(workspace):
     ws = workspace
     _prepare(ws, "fer2013_csv")
@@ -264,6 +265,7 @@ def test_stage_end_to_end(workspace):
     assert not list((ws.path / "checkpoints").glob("self_train*"))
 
 
+@pytest.mark.slow
 def test_stage_course_data_has_no_test_accuracy_and_pools_the_unlabelled(workspace):
     ws = workspace
     _prepare(ws, "course_csv")

@@ -6,7 +6,7 @@ import torch
 
 from ferpipe import models, params, synthetic, train
 
-from conftest import TINY_CNN, TINY_TRAIN
+from conftest import TINY_CNN, TINY_TRAIN, tiny_runtime
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -24,15 +24,16 @@ def setting():
 def fit(setting, ema_decay):
     arch, cfg, data = setting
     cfg = {**cfg, "ema_decay": ema_decay}
-    device = train.setup(cfg)
+    rt = tiny_runtime()
+    torch.manual_seed(cfg["seed"])
     model = models.FerCNN(arch, cfg["crop"])
-    best, hist, record = train.fit(model, *data, cfg, device, "cnn")
-    return model, best, hist, record, cfg, device
+    best, hist, record = train.fit(model, *data, cfg, rt, "cnn")
+    return model, best, hist, record, cfg, rt
 
 
 def test_the_average_watches_without_changing_the_training(setting):
     _, _, plain_hist, plain, _, _ = fit(setting, 0.0)
-    model, best, hist, record, cfg, device = fit(setting, 0.9)
+    model, best, hist, record, cfg, rt = fit(setting, 0.9)
     assert "val_accuracy_ema" not in plain_hist[0] and "best_weights" not in plain
     # The live weights follow exactly the path they follow without the average.
     for a, b in zip(plain_hist, hist):
@@ -47,7 +48,7 @@ def test_the_average_watches_without_changing_the_training(setting):
     kept = "ema" if row["val_accuracy_ema"] > row["val_accuracy"] else "live"
     assert record["best_weights"] == kept
     model.load_state_dict(best)
-    _, acc = train.score(model, setting[2][2], setting[2][3], cfg, device)
+    _, acc = train.score(model, setting[2][2], setting[2][3], cfg, rt)
     assert acc == record["best_val_accuracy"]
 
 

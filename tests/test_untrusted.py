@@ -10,7 +10,7 @@ import torch
 from ferpipe import data, files, models, synthetic
 from ferpipe.errors import FerPipeError
 
-from conftest import TINY_CNN, TINY_TRAIN
+from conftest import TINY_CNN, TINY_RUNTIME, TINY_TRAIN
 
 
 class RunsCode:
@@ -110,7 +110,7 @@ def test_predict_stage_refuses_a_poisoned_model(workspace, tmp_path):
 def test_poisoned_resume_checkpoint_never_runs_code(workspace, tmp_path):
     marker = tmp_path / "pwned"
     write_splits(workspace)
-    workspace.set_params(train=TINY_TRAIN, cnn=TINY_CNN)
+    workspace.set_params(train=TINY_TRAIN, runtime=TINY_RUNTIME, cnn=TINY_CNN)
     (workspace.path / "checkpoints").mkdir()
     poisoned_torch(workspace.path / "checkpoints/cnn.resume.pt", marker)
     proc = workspace.run("train_cnn", check=False)

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Small enough for a few minutes on a 2-core CPU; everything else keeps its default.
 DEMO_PARAMS = {
-    "train": {"epochs": 8, "log_seconds": 30},
+    "train": {"epochs": 8},
+    "runtime": {"log_seconds": 30},
     "self_train": {"epochs": 0},  # 0 = follow train.epochs
 }
 

@@ -3,11 +3,13 @@ import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 from . import EMOTIONS
-from .params import integer
+from .augment import TTA_MODES
+from .params import choice, integer, list_of
 
 SCHEMA = {
     "misclassified": integer(lo=0, hi=200),  # faces in the misclassified-validation grid
     "seed": integer(lo=0),
+    "tta_modes": list_of(choice(*TTA_MODES)),  # scored on validation beside infer.tta and none
 }
 LABELS = list(range(len(EMOTIONS)))
 

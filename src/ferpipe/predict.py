@@ -2,13 +2,12 @@
 import pandas as pd
 
 from .augment import TTA_MODES
-from .params import choice, integer
+from .params import choice
 
 # The `infer` section: evaluate and predict share it, so evaluate's test accuracy is the
 # accuracy of exactly what predict writes.
 SCHEMA = {
     "tta": choice(*TTA_MODES),
-    "batch_size": integer(lo=1),
 }
 
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from . import EMOTIONS, NUM_CLASSES, infer, train
+from . import EMOTIONS, NUM_CLASSES, infer, runtime, train
 from .augment import TTA_MODES
 from .errors import FerPipeError
 from .params import boolean, choice, integer, number
@@ -146,12 +146,13 @@ def _weights_digest(model):
 
 
 def self_train(new_model, labelled_x, labelled_y, pool_x, hidden_y, val_x, val_y, test_x, test_y,
-               cfg, st, device, resume_prefix=None):
+               cfg, st, rt, resume_prefix=None):
     """The baseline and the self-training rounds. Returns a result dict (see `metrics`).
 
     new_model() builds a model; it is called after seeding torch with train.seed, so the
     baseline and every `scratch` round start from the same weights. `cfg` is the `train:`
-    section (the epochs override of `st` is applied here). `hidden_y` (-1 where unknown) is
+    section (the epochs override of `st` is applied here), `rt` the resolved run-time
+    settings (runtime.setup). `hidden_y` (-1 where unknown) is
     used only by score_pseudo_labels and confidence_profile, never passed to the trainer.
     `resume_prefix` names per-round checkpoints, so a killed run resumes where it stopped."""
     cfg = round_config(cfg, st)
@@ -171,15 +172,15 @@ def self_train(new_model, labelled_x, labelled_y, pool_x, hidden_y, val_x, val_y
         return new_model()
 
     def predict(model, x):
-        return infer.predict_proba(model, x, cfg["crop"], st["tta"], cfg["eval_batch_size"],
-                                   cfg["precision"], device)
+        return infer.predict_proba(model, x, cfg["crop"], st["tta"], rt["batch_size"],
+                                   rt["precision"], rt["device"])
 
     def fit(r, model, x, y, chosen, labels):
         name = "self_train baseline" if r == 0 else f"self_train round {r}"
         run_id = train.fingerprint("self_train", r, cfg, st["retrain"], labelled_y, chosen, labels,
                                    x[:, ::7, ::7], val_y, _weights_digest(model))
         resume = f"{resume_prefix}.round{r}.resume.pt" if resume_prefix else None
-        best, _, record = train.fit(model, x, y, val_x, val_y, cfg, device, name, resume, run_id)
+        best, _, record = train.fit(model, x, y, val_x, val_y, cfg, rt, name, resume, run_id)
         model.load_state_dict(best)
         return best, record, resume
 
@@ -260,7 +261,7 @@ def self_train(new_model, labelled_x, labelled_y, pool_x, hidden_y, val_x, val_y
     # Model selection by validation only (ties: the earlier round, with fewer pseudo-labels).
     pick = max(trained, key=lambda row: (_key(row["val_accuracy"]), -row["round"]))["round"] \
         if trained else 0
-    return {"cfg": cfg, "st": st, "rounds": rounds, "selected_round": pick,
+    return {"cfg": cfg, "st": st, "runtime": runtime.record(rt), "rounds": rounds, "selected_round": pick,
             "state": states[pick], "baseline_state": states[0],
             "labelled": int(len(labelled_y)), "pool": int(len(pool_x)),
             "pool_scored": int((hidden_y >= 0).sum()),
@@ -277,7 +278,7 @@ def _fmt(acc):
     return "n/a" if acc is None else f"{acc:.4f}"
 
 
-def run(new_model, splits, cfg, st, device, resume_prefix=None):
+def run(new_model, splits, cfg, st, rt, resume_prefix=None):
     """Hide labels in the training split, assemble the pool, run `self_train`."""
     for key in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
         if key not in splits:
@@ -298,7 +299,7 @@ def run(new_model, splits, cfg, st, device, resume_prefix=None):
           + (f" + {n_extra} unlabelled" if n_extra else ""), flush=True)
     result = self_train(new_model, train_x[labelled], train_y[labelled], pool_x, hidden_y,
                         splits["val_x"], splits["val_y"].astype(np.int64), splits["test_x"],
-                        splits["test_y"].astype(np.int64), cfg, st, device, resume_prefix)
+                        splits["test_y"].astype(np.int64), cfg, st, rt, resume_prefix)
     result.update(train_faces=int(len(train_y)), extra_unlabelled=int(n_extra))
     return result
 
@@ -332,6 +333,7 @@ def metrics(result):
         "gain": gain("test_accuracy"),       # test (PublicTest) accuracy, self-trained - baseline
         "val_gain": gain("val_accuracy"),    # optimistic: validation also chose the round
         "minutes": result["minutes"],
+        **result["runtime"],
         "rounds": rounds,
     }
 
@@ -354,5 +356,5 @@ def checkpoint_meta(result):
     sel = next(r for r in result["rounds"] if r["round"] == pick)
     return {"best_epoch": sel["best_epoch"], "best_val_accuracy": sel["best_val_accuracy"],
             "val_accuracy": sel["val_accuracy"], "crop": result["cfg"]["crop"],
-            "precision": result["cfg"]["precision"], "self_train_round": pick,
+            "precision": result["runtime"]["precision"], "self_train_round": pick,
             "labelled_fraction": result["labelled"] / result["train_faces"]}

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import NUM_CLASSES, augment
+from . import NUM_CLASSES, augment, runtime
 from .errors import FerPipeError
-from .infer import autocast, channels_last, pick_device, predict_proba, set_threads
+from .infer import autocast, channels_last, predict_proba
 from .files import load_torch, save_torch
 from .params import boolean, choice, integer, number, section
 
@@ -42,21 +42,9 @@ SCHEMA = {
     "ema_decay": number(lo=0.0, hi=1.0, hi_open=True),
     "early_stopping": integer(lo=0),
     "seed": integer(lo=0),
-    "device": choice("auto", "cpu", "cuda"),
-    "threads": integer(lo=0),
-    "precision": choice("bf16", "fp32"),
     "crop": augment.CROP,
     "augment": section(augment.SCHEMA),
-    "eval_batch_size": integer(lo=1),
-    "log_seconds": number(lo=1.0),
 }
-
-
-def setup(cfg):
-    """Threads, seed and device, before any model is built (the seed fixes its init)."""
-    set_threads(cfg["threads"])
-    torch.manual_seed(cfg["seed"])
-    return pick_device(cfg["device"])
 
 
 def class_weights(labels, mode):
@@ -154,8 +142,10 @@ def fingerprint(*parts):
     return h.hexdigest()
 
 
-def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=None, run_id=""):
-    """Train `model` in place; return the best-on-validation state dict and a record."""
+def fit(model, train_x, train_y, val_x, val_y, cfg, rt, name, resume_path=None, run_id=""):
+    """Train `model` in place; return the best-on-validation state dict and a record.
+    `cfg` is the `train:` section, `rt` the resolved run-time settings (runtime.setup)."""
+    device = rt["device"]
     model.norm.mean.fill_(float(train_x.mean()) / 255.0)
     model.norm.std.fill_(float(train_x.std()) / 255.0)
     model.to(device).to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
@@ -211,7 +201,7 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
             if device.type == "cuda":
                 torch.cuda.synchronize()
             tc = time.perf_counter()
-            with autocast(device, cfg["precision"]):
+            with autocast(device, rt["precision"]):
                 logits = model(x)
             logits = logits.float()
             loss = lam * F.cross_entropy(logits, y_a, weight=weight,
@@ -235,7 +225,7 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
             correct += int((logits.argmax(1) == y_a).sum())
             seen += len(y)
             now = time.perf_counter()
-            if now - last_log >= cfg["log_seconds"]:
+            if now - last_log >= rt["log_seconds"]:
                 left = (now - t0) / (step + 1) * (steps_per_epoch - step - 1)
                 print(f"[{name}] epoch {epoch}/{cfg['epochs']} batch {step + 1}/{steps_per_epoch} "
                       f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f} "
@@ -243,11 +233,11 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
                 last_log = now
         train_time = time.perf_counter() - t0
 
-        val_loss, val_acc = score(model, val_x, val_y, cfg, device)
+        val_loss, val_acc = score(model, val_x, val_y, cfg, rt)
         row = {"val_loss": val_loss, "val_accuracy": val_acc}
         best_net, best_acc = model, val_acc
         if ema is not None:
-            row["val_loss_ema"], row["val_accuracy_ema"] = score(ema, val_x, val_y, cfg, device)
+            row["val_loss_ema"], row["val_accuracy_ema"] = score(ema, val_x, val_y, cfg, rt)
             if row["val_accuracy_ema"] > val_acc:
                 best_net, best_acc = ema, row["val_accuracy_ema"]
         epoch_time = time.perf_counter() - t0
@@ -306,16 +296,16 @@ def fit(model, train_x, train_y, val_x, val_y, cfg, device, name, resume_path=No
     return state["best_state"], hist, record
 
 
-def score(model, val_x, val_y, cfg, device):
+def score(model, val_x, val_y, cfg, rt):
     """Single-crop validation loss and accuracy."""
-    probs = predict_proba(model, val_x, cfg["crop"], "none", cfg["eval_batch_size"],
-                          cfg["precision"], device)
+    probs = predict_proba(model, val_x, cfg["crop"], "none", rt["batch_size"], rt["precision"],
+                          rt["device"])
     val_y_t = torch.as_tensor(val_y.astype(np.int64))
     loss = float(F.nll_loss(torch.log(torch.as_tensor(probs).clamp_min(1e-12)), val_y_t))
     return loss, float((probs.argmax(1) == val_y).mean())
 
 
-def run(kind, make_model, config, splits, cfg, out_model, out_metrics, out_history,
+def run(kind, make_model, config, splits, cfg, rt, out_model, out_metrics, out_history,
         out_summary, resume_path, members=1):
     """Everything a training stage does: build, summarise, fit, save. With members > 1 it
     trains that many networks, seeded train.seed, train.seed + 1, ..., and saves them as one
@@ -328,7 +318,7 @@ def run(kind, make_model, config, splits, cfg, out_model, out_metrics, out_histo
     nets, hists, records, resumes = [], [], [], []
     for i in range(members):
         member_cfg = {**cfg, "seed": cfg["seed"] + i}
-        device = setup(member_cfg)  # before building: the seed fixes the initial weights
+        torch.manual_seed(member_cfg["seed"])  # before building: it fixes the initial weights
         model = make_model()
         if i == 0:
             n_params = count_params(model)
@@ -346,7 +336,7 @@ def run(kind, make_model, config, splits, cfg, out_model, out_metrics, out_histo
                              splits["train_x"][:, ::7, ::7])
         name = kind if members == 1 else f"{kind} {i + 1}/{members}"
         best, hist, record = fit(model, splits["train_x"], splits["train_y"], splits["val_x"],
-                                 splits["val_y"], member_cfg, device, name, resume, run_id)
+                                 splits["val_y"], member_cfg, rt, name, resume, run_id)
         model.load_state_dict(best)
         nets.append(model.eval())
         hists.append(hist)
@@ -356,22 +346,21 @@ def run(kind, make_model, config, splits, cfg, out_model, out_metrics, out_histo
     if members == 1:
         model, record = nets[0], records[0]
         meta = {"best_epoch": record["best_epoch"], "best_val_accuracy": record["best_val_accuracy"],
-                "crop": cfg["crop"], "precision": cfg["precision"]}
+                "crop": cfg["crop"], "precision": rt["precision"]}
         extra = {}
     else:
         model = Ensemble(nets)
-        probs = predict_proba(model, splits["val_x"], cfg["crop"], "none", cfg["eval_batch_size"],
-                              cfg["precision"], device)
+        probs = predict_proba(model, splits["val_x"], cfg["crop"], "none", rt["batch_size"],
+                              rt["precision"], rt["device"])
         record = ensemble_record(records, float((probs.argmax(1) == splits["val_y"]).mean()))
         meta = {"members": [{"best_epoch": r["best_epoch"], "best_val_accuracy": r["best_val_accuracy"]}
                             for r in records],
                 "best_val_accuracy": record["best_val_accuracy"],
-                "crop": cfg["crop"], "precision": cfg["precision"]}
+                "crop": cfg["crop"], "precision": rt["precision"]}
         extra = {"members": members, "params_total": count_params(model)}
     save_torch(out_model, checkpoint(model, kind, config, cfg["crop"], meta))
-    write_json(out_metrics, {"params": n_params, **extra, **record,
-                             "threads": torch.get_num_threads(),
-                             "precision": cfg["precision"], "batch_size": cfg["batch_size"]})
+    write_json(out_metrics, {"params": n_params, **extra, **record, **runtime.record(rt),
+                             "batch_size": cfg["batch_size"]})
     write_csv(out_history, pd.DataFrame(hists[0]))  # an ensemble plots its first member
     write_text(out_summary, table)
     for resume in resumes:

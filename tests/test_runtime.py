@@ -1,0 +1,71 @@
+"""The precision choice per machine (runtime.precision: auto) and the runtime section."""
+import pytest
+import torch
+
+from ferpipe import infer, runtime
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Pretend to be a CPU with the given capability and bf16 instructions."""
+    def set_cpu(capability, avx512_bf16=False, amx=False, onednn_isa=None):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        if onednn_isa is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
+    return set_cpu
+
+
+def test_auto_is_fp32_on_a_cpu_without_native_bf16(cpu):
+    cpu("AVX2")
+    assert infer.resolve_precision("auto", CPU) == "fp32"
+    cpu("DEFAULT")  # e.g. an ARM CPU
+    assert infer.resolve_precision("auto", CPU) == "fp32"
+    cpu("AVX512")   # AVX-512 without AVX512_BF16 or AMX: bf16 would be emulated
+    assert infer.resolve_precision("auto", CPU) == "fp32"
+
+
+def test_auto_is_bf16_where_the_cpu_has_it(cpu):
+    cpu("AVX512", avx512_bf16=True)
+    assert infer.resolve_precision("auto", CPU) == "bf16"
+    cpu("AVX512", amx=True)
+    assert infer.resolve_precision("auto", CPU) == "bf16"
+
+
+def test_isa_limits_make_an_avx512_machine_an_avx2_one(cpu):
+    cpu("AVX512", avx512_bf16=True, amx=True, onednn_isa="AVX2")
+    assert infer.resolve_precision("auto", CPU) == "fp32"
+    cpu("AVX2", avx512_bf16=True, amx=True)  # ATEN_CPU_CAPABILITY=avx2
+    assert infer.resolve_precision("auto", CPU) == "fp32"
+    cpu("AVX512", avx512_bf16=True, onednn_isa="avx512_core_bf16")
+    assert infer.resolve_precision("auto", CPU) == "bf16"
+
+
+def test_forced_precisions_are_kept_whatever_the_machine(cpu):
+    cpu("AVX2")
+    assert infer.resolve_precision("bf16", CPU) == "bf16"
+    cpu("AVX512", amx=True)
+    assert infer.resolve_precision("fp32", CPU) == "fp32"
+
+
+def test_auto_on_a_gpu_follows_its_bf16_support(monkeypatch):
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert infer.resolve_precision("auto", gpu) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert infer.resolve_precision("auto", gpu) == "fp32"
+
+
+def test_setup_records_what_it_chose_and_on_what(cpu):
+    cpu("AVX2")
+    rt = runtime.setup({"device": "cpu", "threads": 1, "precision": "auto", "batch_size": 64,
+                        "log_seconds": 60})
+    assert rt["precision"] == "fp32" and rt["device"] == CPU and torch.get_num_threads() == 1
+    rec = runtime.record(rt)
+    assert rec == {"precision": "fp32", "precision_requested": "auto", "threads": 1,
+                   "device": "cpu", "cpu_capability": "AVX2", "native_bf16": False}
