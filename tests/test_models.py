@@ -208,10 +208,11 @@ def test_bench_measures_each_preset_on_the_prepared_faces(workspace, monkeypatch
     assert all("from auto" in line for line in lines)
 
 
-def test_bench_compares_precisions(workspace, monkeypatch, capsys):
+@pytest.fixture
+def bench_workspace(workspace, monkeypatch):
+    """A workspace holding 32 random faces as splits.npz, batches of 8, one thread."""
     import numpy as np
 
-    from ferpipe import bench
     from ferpipe.files import save_npz
 
     save_npz(workspace.path / "splits.npz",
@@ -219,24 +220,21 @@ def test_bench_compares_precisions(workspace, monkeypatch, capsys):
              train_y=np.arange(32) % 7)
     workspace.set_params(train={"batch_size": 8}, runtime={"threads": 1})
     monkeypatch.chdir(workspace.path)
+    return workspace
+
+
+def test_bench_compares_precisions(bench_workspace, capsys):
+    from ferpipe import bench
+
     bench.main(["custom", "--steps", "1", "--splits", "splits.npz", "--precision", "fp32", "bf16"])
     _, *lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     assert "1 threads, fp32, batch 8" in lines[0] and "1 threads, bf16, batch 8" in lines[1]
 
 
-def test_bench_compile_wraps_the_model_it_times(workspace, monkeypatch, capsys):
-    import numpy as np
-    import torch
-
+def test_bench_compile_wraps_the_model_it_times(bench_workspace, monkeypatch, capsys):
     from ferpipe import bench
-    from ferpipe.files import save_npz
 
-    save_npz(workspace.path / "splits.npz",
-             train_x=np.random.default_rng(0).integers(0, 256, (32, 48, 48), dtype=np.uint8),
-             train_y=np.arange(32) % 7)
-    workspace.set_params(train={"batch_size": 8}, runtime={"threads": 1})
-    monkeypatch.chdir(workspace.path)
     calls = []
 
     class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper and counts its use

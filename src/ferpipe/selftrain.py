@@ -261,8 +261,8 @@ def self_train(new_model, labelled_x, labelled_y, pool_x, hidden_y, val_x, val_y
     # Model selection by validation only (ties: the earlier round, with fewer pseudo-labels).
     pick = max(trained, key=lambda row: (_key(row["val_accuracy"]), -row["round"]))["round"] \
         if trained else 0
-    return {"cfg": cfg, "st": st, "runtime": runtime.record(rt), "rounds": rounds, "selected_round": pick,
-            "state": states[pick], "baseline_state": states[0],
+    return {"cfg": cfg, "st": st, "runtime": runtime.record(rt), "rounds": rounds,
+            "selected_round": pick, "state": states[pick], "baseline_state": states[0],
             "labelled": int(len(labelled_y)), "pool": int(len(pool_x)),
             "pool_scored": int((hidden_y >= 0).sum()),
             "pseudo_index": chosen, "pseudo_labels": pseudo,
