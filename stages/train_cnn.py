@@ -1,24 +1,28 @@
 """Stage train_cnn: train the configurable CNN (or an ensemble of them, ensemble.members);
 keep the weights best on validation."""
-from ferpipe import files, models, params, runtime, train
+from ferpipe import files, models, params, paths, runtime, train
 from ferpipe.errors import run_stage
 
-IN_SPLITS = "data/splits.npz"
-OUT_MODEL = "models/cnn.pt"
-OUT_METRICS = "metrics/train_cnn.json"
-OUT_HISTORY = "plots/train_cnn.csv"
-OUT_SUMMARY = "plots/cnn_summary.txt"
-RESUME = "checkpoints/cnn.resume.pt"
+IN_SPLITS = paths.SPLITS
+OUT_MODEL = paths.MODEL["cnn"]
+OUT_METRICS = paths.TRAIN_METRICS["cnn"]
+OUT_HISTORY = paths.HISTORY["cnn"]
+OUT_LAYER_TABLE = paths.LAYER_TABLE["cnn"]
+RESUME = paths.RESUME["cnn"]
 
 
 def main():
     p = params.load({"cnn": models.CNN_SCHEMA, "train": train.SCHEMA,
                      "ensemble": models.ENSEMBLE_SCHEMA})
-    arch, cfg = models.resolve_cnn_config(p["cnn"]), p["train"]
+    arch, training = models.resolve_cnn_config(p["cnn"]), p["train"]
     rt = runtime.setup(runtime.load())
     splits = files.load_npz(IN_SPLITS, "data splits")
-    train.run("cnn", lambda: models.FerCNN(arch, cfg["crop"]), arch, splits, cfg, rt, OUT_MODEL,
-              OUT_METRICS, OUT_HISTORY, OUT_SUMMARY, RESUME, p["ensemble"]["members"])
+    result = train.run("cnn", lambda: models.FerCNN(arch, training["crop"]), arch, splits,
+                       training, rt, RESUME, p["ensemble"]["members"])
+    files.write_outputs({OUT_MODEL: result["checkpoint"], OUT_METRICS: result["metrics"],
+                         OUT_HISTORY: result["history"], OUT_LAYER_TABLE: result["summary"]})
+    files.remove(result["resume_files"])  # finished: a later run must start afresh
+    print(f"train_cnn: saved {OUT_MODEL}", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ferpipe import augment, models, params
+from ferpipe import augment, infer, models, params
 from ferpipe.errors import FerPipeError
 
 CNN = {"preset": "custom", "widths": [16, 32, 64], "convs": [1, 2, 2], "kernel": 3,
@@ -151,30 +151,30 @@ def test_augmentation_without_randomness_is_the_centre_crop():
 
 def test_test_views_count():
     x = torch.rand(2, 1, 48, 48)
-    assert len(augment.test_views(x, 40, "none")) == 1
-    assert len(augment.test_views(x, 40, "flip")) == 2
-    views = augment.test_views(x, 40, "tencrop")
+    assert len(infer.test_views(x, 40, "none")) == 1
+    assert len(infer.test_views(x, 40, "flip")) == 2
+    views = infer.test_views(x, 40, "tencrop")
     assert len(views) == 10 and all(v.shape == (2, 1, 40, 40) for v in views)
     torch.testing.assert_close(views[5], views[0].flip(-1))
 
 
 def test_grid_views_cover_every_tencrop_view():
     x = torch.rand(2, 1, 48, 48)
-    grid = augment.test_views(x, 40, "grid")
+    grid = infer.test_views(x, 40, "grid")
     assert len(grid) == 50 and all(v.shape == (2, 1, 40, 40) for v in grid)
     assert len({tuple(v.flatten().tolist()[:50]) for v in grid}) == 50  # no view twice
-    for v in augment.test_views(x, 40, "tencrop"):
+    for v in infer.test_views(x, 40, "tencrop"):
         assert any(torch.equal(v, g) for g in grid)
     # An odd margin still reaches the far edge: offsets 0, 2, 4, 6, 7.
-    odd = augment.test_views(x, 41, "grid")
+    odd = infer.test_views(x, 41, "grid")
     assert len(odd) == 2 * 25 and any(torch.equal(v, x[..., 7:, 7:]) for v in odd)
-    assert len(augment.test_views(x, 48, "grid")) == 2  # no margin: the face and its mirror
+    assert len(infer.test_views(x, 48, "grid")) == 2  # no margin: the face and its mirror
 
 
 def test_grid_zoom_adds_the_grid_of_the_shrunk_face():
     x = torch.rand(2, 1, 48, 48)
-    grid = augment.test_views(x, 40, "grid")
-    views = augment.test_views(x, 40, "grid_zoom")
+    grid = infer.test_views(x, 40, "grid")
+    views = infer.test_views(x, 40, "grid_zoom")
     assert len(views) == 50 + 18 and all(v.shape == (2, 1, 40, 40) for v in views)
     assert all(any(torch.equal(g, v) for v in views) for g in grid)
     small = torch.nn.functional.interpolate(x, size=(44, 44), mode="bilinear",
@@ -182,8 +182,8 @@ def test_grid_zoom_adds_the_grid_of_the_shrunk_face():
     assert any(torch.allclose(v, small[..., 2:42, 2:42]) for v in views)
     assert any(torch.allclose(v, small[..., 4:, :40].flip(-1)) for v in views)
     # A zoom needs a margin of at least two pixels; with none only the face and its mirror stay.
-    assert len(augment.test_views(x, 47, "grid_zoom")) == len(augment.test_views(x, 47, "grid"))
-    assert len(augment.test_views(x, 48, "grid_zoom")) == 2
+    assert len(infer.test_views(x, 47, "grid_zoom")) == len(infer.test_views(x, 47, "grid"))
+    assert len(infer.test_views(x, 48, "grid_zoom")) == 2
 
 
 def test_bench_measures_each_preset_on_the_prepared_faces(workspace, monkeypatch, capsys):

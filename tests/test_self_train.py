@@ -103,7 +103,8 @@ def test_hidden_labels_never_reach_the_trainer(monkeypatch, tiny):
     val_y = rng.integers(0, NUM_CLASSES, 14)
     fits, predicted_pools = [], []
 
-    def fake_fit(model, x, y, val_x, val_y, cfg, rt, name, resume_path=None, run_id=""):
+    def fake_fit(model, train, val, training, rt, name, checkpoint=None):
+        x, y = train
         fits.append((x.copy(), y.copy()))
         return ({k: v.clone() for k, v in model.state_dict().items()}, [],
                 {"best_epoch": 1, "best_val_accuracy": 0.5, "train_minutes": 0.0})
@@ -120,8 +121,8 @@ def test_hidden_labels_never_reach_the_trainer(monkeypatch, tiny):
 
     monkeypatch.setattr(ferpipe.train, "fit", fake_fit)
     monkeypatch.setattr(ferpipe.infer, "predict_proba", fake_predict)
-    res = selftrain.self_train(lambda: models.FerCNN(arch, cfg["crop"]), lab_x, lab_y, pool_x,
-                               hidden, val_x, val_y, val_x[:0], val_y[:0], cfg, ST,
+    res = selftrain.self_train(lambda: models.FerCNN(arch, cfg["crop"]), (lab_x, lab_y),
+                               (pool_x, hidden), (val_x, val_y), (val_x[:0], val_y[:0]), cfg, ST,
                                tiny_runtime())
 
     pred_of = dict(zip(_ids(pool_x), pool_pred))
@@ -157,16 +158,17 @@ def test_threshold_no_face_reaches_stops_with_the_baseline(monkeypatch, tiny):
     cfg, arch = tiny
     calls = []
 
-    def fake_fit(model, x, y, *args, **kwargs):
-        calls.append(len(y))
+    def fake_fit(model, train, *args, **kwargs):
+        calls.append(len(train[1]))
         return model.state_dict(), [], {"best_epoch": 1, "best_val_accuracy": 0.3,
                                         "train_minutes": 0.0}
 
     monkeypatch.setattr(ferpipe.train, "fit", fake_fit)
     x, y = synthetic.make_faces(4, seed=5)
     st = {**ST, "threshold": 1.0, "tta": "flip"}
-    res = selftrain.self_train(lambda: models.FerCNN(arch, cfg["crop"]), x[:7], y[:7], x[7:],
-                               y[7:], x[:7], y[:7], x[:7], y[:7], cfg, st, tiny_runtime())
+    res = selftrain.self_train(lambda: models.FerCNN(arch, cfg["crop"]), (x[:7], y[:7]),
+                               (x[7:], y[7:]), (x[:7], y[:7]), (x[:7], y[:7]), cfg, st,
+                               tiny_runtime())
     assert calls == [7] and res["selected_round"] == 0
     assert res["rounds"][1]["skipped"] and res["rounds"][1]["added"] == 0
     m = selftrain.metrics({**res, "train_faces": 28, "extra_unlabelled": 0})
@@ -183,9 +185,9 @@ def test_real_rounds_score_what_the_trainer_was_given(monkeypatch, tiny):
               "test_x": vx[:14], "test_y": vy[:14].astype(np.int8)}
     real_fit, seen = ferpipe.train.fit, []
 
-    def spy(model, tx, ty, *args, **kwargs):
-        seen.append((tx.copy(), ty.copy()))
-        return real_fit(model, tx, ty, *args, **kwargs)
+    def spy(model, train, *args, **kwargs):
+        seen.append((train[0].copy(), train[1].copy()))
+        return real_fit(model, train, *args, **kwargs)
 
     monkeypatch.setattr(ferpipe.train, "fit", spy)
     st = {**ST, "threshold": 0.0, "class_cap": 0.5, "rounds": 2, "tta": "flip"}
@@ -214,7 +216,7 @@ def test_a_rerun_resumes_every_round_from_its_checkpoint(tmp_path, capsys, tiny)
     cfg = {**cfg, "batch_size": 8}
     x, y = synthetic.make_faces(8, seed=21)
     st = {**ST, "threshold": 0.0, "class_cap": 1.0, "rounds": 1, "retrain": "finetune"}
-    args = (x[:21], y[:21], x[21:], y[21:], x[:14], y[:14], x[:0], y[:0], cfg, st)
+    args = ((x[:21], y[:21]), (x[21:], y[21:]), (x[:14], y[:14]), (x[:0], y[:0]), cfg, st)
 
     def go():
         return selftrain.self_train(lambda: models.FerCNN(arch, cfg["crop"]), *args,

@@ -27,7 +27,7 @@ def fit(setting, ema_decay):
     rt = tiny_runtime()
     torch.manual_seed(cfg["seed"])
     model = models.FerCNN(arch, cfg["crop"])
-    best, hist, record = train.fit(model, *data, cfg, rt, "cnn")
+    best, hist, record = train.fit(model, data[:2], data[2:], cfg, rt, "cnn")
     return model, best, hist, record, cfg, rt
 
 
@@ -48,19 +48,22 @@ def test_the_average_watches_without_changing_the_training(setting):
     kept = "ema" if row["val_accuracy_ema"] > row["val_accuracy"] else "live"
     assert record["best_weights"] == kept
     model.load_state_dict(best)
-    _, acc = train.score(model, setting[2][2], setting[2][3], cfg, rt)
+    _, acc = train.score(model, setting[2][2], setting[2][3], cfg["crop"], rt)
     assert acc == record["best_val_accuracy"]
 
 
 def test_the_update_is_an_exponential_moving_average_of_weights_and_bn_statistics():
     torch.manual_seed(0)
     live = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    avg = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    before = {k: v.clone() for k, v in avg.state_dict().items()}
+    ema = train.EMA(live, 0.75)
+    with torch.no_grad():  # the average starts elsewhere than the live weights
+        for v in ema.model.state_dict().values():
+            if v.dtype.is_floating_point:
+                v.copy_(torch.randn_like(v))
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
     live(torch.randn(8, 3))  # moves BN's running statistics and its batch counter
-    pairs = train.ema_pairs(avg, live)
-    train.ema_update(pairs, 0.75)
-    now, target = avg.state_dict(), live.state_dict()
+    ema.update(step=10**6)  # late in training: the full decay, not the short early memory
+    now, target = ema.model.state_dict(), live.state_dict()
     for k, v in now.items():
         if v.dtype.is_floating_point:
             torch.testing.assert_close(v, 0.75 * before[k] + 0.25 * target[k])

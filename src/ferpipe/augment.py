@@ -1,5 +1,5 @@
-"""Augmentation on whole batches of tensors (no per-image Python loops), and the views
-used for test-time augmentation.
+"""Training augmentation on whole batches of tensors (no per-image Python loops); the
+test-time views live in infer.py.
 
 Rotation, zoom, shift, random crop and horizontal flip are folded into one affine map per
 image, so a batch costs a single `grid_sample`.
@@ -33,17 +33,18 @@ def _uniform(n, lo, hi, gen, device):
     return lo + (hi - lo) * _rand(n, gen, device)
 
 
-def random_views(x, cfg, crop, gen):
-    """x: (N, 1, 48, 48) floats in [0, 1] -> (N, 1, crop, crop) randomly transformed."""
+def random_views(x, aug, crop, gen):
+    """x: (N, 1, 48, 48) floats in [0, 1] -> (N, 1, crop, crop) randomly transformed, as the
+    `train.augment:` settings `aug` ask."""
     n, device = x.shape[0], x.device
-    angle = _uniform(n, -1, 1, gen, device) * math.radians(cfg["rotation"])
-    scale = 1 + _uniform(n, -1, 1, gen, device) * cfg["zoom"]
+    angle = _uniform(n, -1, 1, gen, device) * math.radians(aug["rotation"])
+    scale = 1 + _uniform(n, -1, 1, gen, device) * aug["zoom"]
     flip = torch.ones(n, device=device)
-    if cfg["hflip"]:
+    if aug["hflip"]:
         flip = torch.where(_rand(n, gen, device) < 0.5, -flip, flip)
     # Normalised coordinates span 2 units over 48 px: a random crop may slide by
     # (48 - crop) / 48 either way, and the shift adds 2 * shift on top.
-    reach = (IMAGE_SIZE - crop) / IMAGE_SIZE + 2 * cfg["shift"]
+    reach = (IMAGE_SIZE - crop) / IMAGE_SIZE + 2 * aug["shift"]
     tx = _uniform(n, -1, 1, gen, device) * reach
     ty = _uniform(n, -1, 1, gen, device) * reach
     s = (crop / IMAGE_SIZE) / scale
@@ -52,8 +53,8 @@ def random_views(x, cfg, crop, gen):
                          torch.stack([s * sin * flip, s * cos, ty], 1)], 1)
     grid = F.affine_grid(theta, (n, 1, crop, crop), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if cfg["erasing"] > 0:
-        out = random_erasing(out, cfg["erasing"], cfg["erasing_max_area"], gen)
+    if aug["erasing"] > 0:
+        out = random_erasing(out, aug["erasing"], aug["erasing_max_area"], gen)
     return out
 
 
@@ -75,38 +76,3 @@ def random_erasing(x, prob, max_area, gen):
             & chosen.view(n, 1, 1)).unsqueeze(1)
     noise = _rand(x.shape, gen, device).to(x.dtype)
     return torch.where(mask, noise, x)
-
-
-def center_crop(x, crop):
-    o = (x.shape[-1] - crop) // 2
-    return x[..., o:o + crop, o:o + crop]
-
-
-TTA_MODES = ("none", "flip", "tencrop", "grid", "grid_zoom")
-
-
-def _grid(x, crop):
-    e = x.shape[-1] - crop
-    offsets = sorted(set(range(0, e + 1, 2)) | {e})
-    return [x[..., i:i + crop, j:j + crop] for i in offsets for j in offsets]
-
-
-def test_views(x, crop, mode):
-    """Deterministic views whose predictions are averaged at test time, each with its mirror.
-    grid takes every crop whose corner lies on a 2-pixel grid (25 for 40 of 48), covering the
-    shifts seen in training more densely than tencrop's five. grid_zoom adds the same grid
-    over the face shrunk halfway to the crop size (44 px for 40 of 48, so a crop holds 91% of
-    the face): a zoom-out of the kind training's zoom produces, with no number to tune."""
-    views = [center_crop(x, crop)]
-    e = x.shape[-1] - crop
-    if mode == "tencrop" and e > 0:
-        views += [x[..., :crop, :crop], x[..., :crop, e:], x[..., e:, :crop], x[..., e:, e:]]
-    if mode in ("grid", "grid_zoom") and e > 0:
-        views = _grid(x, crop)
-        if mode == "grid_zoom" and e >= 2:
-            small = F.interpolate(x, size=(x.shape[-1] - e // 2,) * 2, mode="bilinear",
-                                  align_corners=False, antialias=True)
-            views += _grid(small, crop)
-    if mode != "none":
-        views += [v.flip(-1) for v in views]
-    return views

@@ -1,17 +1,22 @@
-"""Scoring trained models: accuracy, macro-F1, per-class report, confusion matrices."""
+"""Scoring trained models: accuracy, macro-F1, per-class report and confusion matrices on
+every labelled split, the TTA sweep on validation, and the CNN-versus-DNN comparison."""
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from . import EMOTIONS
-from .augment import TTA_MODES
+from . import EMOTIONS, infer, plots
 from .params import choice, integer, list_of
 
 SCHEMA = {
     "misclassified": integer(lo=0, hi=200),  # faces in the misclassified-validation grid
     "seed": integer(lo=0),
-    "tta_modes": list_of(choice(*TTA_MODES)),  # scored on validation beside infer.tta and none
+    "tta_modes": list_of(choice(*infer.TTA_MODES)),  # scored on validation beside infer.tta and none
 }
 LABELS = list(range(len(EMOTIONS)))
+SPLITS = ("val", "test", "private")
+# What a split with no labelled faces gets in place of its confusion figure: the course's
+# test.csv has no labels, and fer2013-train-publictest.zip has no PrivateTest.
+NO_FACES = {"test": "No labelled test faces in this data set\n(the course's test.csv has no labels)",
+            "private": "No PrivateTest faces in this data set"}
 
 
 def score(y_true, probs):
@@ -36,3 +41,92 @@ def most_confused(cm, top=5):
     pairs.sort(reverse=True)
     return [{"true": EMOTIONS[i], "predicted": EMOTIONS[j], "count": int(cm[i, j]),
              "share_of_true": round(float(r), 4)} for r, i, j in pairs[:top]]
+
+
+def tta_sweep(model, x, y, crop, modes, known, rt):
+    """Validation accuracy under each TTA mode, so infer.tta can be chosen without the test
+    split; `known` holds the modes already scored. In TTA_MODES order."""
+    by_tta = dict(known)
+    for m in modes:
+        if m not in by_tta:
+            by_tta[m] = score(y, infer.predict(model, x, crop, m, rt))["accuracy"]
+    return {m: by_tta[m] for m in infer.TTA_MODES if m in by_tta}
+
+
+def misclassified_figure(kind, x, y, probs, count, seed):
+    """A seeded pick of `count` wrongly classified faces, with true and predicted labels."""
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    pick = np.sort(np.random.default_rng(seed).choice(wrong, min(len(wrong), count), replace=False))
+    return plots.face_grid(
+        x[pick], [f"true {EMOTIONS[y[i]]}\npred {EMOTIONS[pred[i]]} {probs[i].max():.2f}"
+                  for i in pick], f"{kind.upper()}: misclassified validation faces")
+
+
+def confusion_rows(y, pred):
+    """The actual/predicted table DVC's confusion template draws."""
+    import pandas as pd
+
+    names = np.asarray(EMOTIONS)
+    return pd.DataFrame({"actual": names[y], "predicted": names[pred]}, columns=["actual", "predicted"])
+
+
+def evaluate_model(kind, model, crop, splits, tta, settings, rt):
+    """Score one network on every split. `tta` is infer.tta, `settings` the `evaluate:`
+    section. Returns its summary, per-class reports, and per split (val, test, private) the
+    confusion rows and figure, plus the misclassified-face figure: every split gets them,
+    a placeholder where the split has no labelled faces."""
+    summary, per_class, confusion, figures = {}, {}, {}, {}
+    for name in SPLITS:
+        x, y = splits[f"{name}_x"], splits[f"{name}_y"]
+        if len(y) == 0:
+            if name in NO_FACES:
+                confusion[name] = confusion_rows(y, y)
+                figures[name] = plots.message(NO_FACES[name])
+            continue
+        probs = infer.predict(model, x, crop, tta, rt)
+        single = probs if tta == "none" else infer.predict(model, x, crop, "none", rt)
+        s = score(y, probs)
+        summary[name] = {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"],
+                         "single_crop_accuracy": score(y, single)["accuracy"], "tta": tta}
+        per_class[name] = s["per_class"]
+        confusion[name] = confusion_rows(y, probs.argmax(1))
+        figures[name] = plots.confusion_heatmap(
+            s["confusion"], f"{kind.upper()} on {name}: accuracy {s['accuracy']:.3f} ({tta})")
+        if name == "val":
+            summary["val_accuracy_by_tta"] = tta_sweep(
+                model, x, y, crop, settings["tta_modes"],
+                {tta: s["accuracy"], "none": summary[name]["single_crop_accuracy"]}, rt)
+            summary["most_confused"] = most_confused(s["confusion"])
+            figures["misclassified"] = misclassified_figure(
+                kind, x, y, probs, settings["misclassified"], settings["seed"])
+        print(f"evaluate: {kind} {name}: accuracy {s['accuracy']:.4f} "
+              f"(single crop {summary[name]['single_crop_accuracy']:.4f}), "
+              f"macro-F1 {s['macro_f1']:.4f}", flush=True)
+    return {"summary": summary, "per_class": per_class, "confusion": confusion,
+            "figures": figures}
+
+
+def comparison(summary):
+    cnn, dnn = summary["cnn"], summary["dnn"]
+    out = {"param_gap": (dnn["params"] - cnn["params"]) / cnn["params"],
+           "epoch_time_ratio_dnn_to_cnn": dnn["seconds_per_epoch"] / cnn["seconds_per_epoch"]}
+    for name in SPLITS:
+        if name in cnn:
+            out[f"{name}_accuracy_gain_cnn_over_dnn"] = cnn[name]["accuracy"] - dnn[name]["accuracy"]
+    return out
+
+
+def comparison_table(summary):
+    """The CNN-versus-DNN table of plots/comparison.md, in Markdown."""
+    splits = [n for n in SPLITS if n in summary["cnn"]]
+    rows = ["| model | parameters | seconds per epoch | " +
+            " | ".join(f"{n} accuracy | {n} macro-F1" for n in splits) + " |",
+            "|" + "---|" * (3 + 2 * len(splits))]
+    for kind in ("cnn", "dnn"):
+        s = summary[kind]
+        cells = [kind.upper(), f"{s['params']:,}", f"{s['seconds_per_epoch']:.1f}"]
+        for n in splits:
+            cells += [f"{s[n]['accuracy']:.4f}", f"{s[n]['macro_f1']:.4f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"

@@ -19,7 +19,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from . import EMOTIONS, NUM_CLASSES  # noqa: E402
-from .augment import center_crop  # noqa: E402
+from .infer import center_crop  # noqa: E402
 from .errors import FerPipeError  # noqa: E402
 from .infer import to_float  # noqa: E402
 from .params import PARAMS_FILE, choice, integer, list_of, number, string  # noqa: E402

@@ -127,3 +127,30 @@ def save_figure(path, fig, dpi=110):
     fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     write_bytes(path, buf.getvalue())
+
+
+def write_outputs(outputs):
+    """Write each {path: content} by the path's suffix: .pt a torch object, .json a JSON
+    object, .csv a DataFrame or a list of row dicts, .png a matplotlib figure, else text."""
+    for path, content in outputs.items():
+        suffix = Path(path).suffix
+        if suffix == ".pt":
+            save_torch(path, content)
+        elif suffix == ".json":
+            write_json(path, content)
+        elif suffix == ".csv":
+            if isinstance(content, list):
+                import pandas as pd
+
+                content = pd.DataFrame(content)
+            write_csv(path, content)
+        elif suffix == ".png":
+            save_figure(path, content)
+        else:
+            write_text(path, content)
+
+
+def remove(paths):
+    """Delete files if they are there (finished resume checkpoints)."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)

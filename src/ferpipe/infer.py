@@ -1,13 +1,29 @@
-"""Running a trained model over uint8 faces, with optional test-time augmentation."""
+"""Inference in one place: the `infer:` section, the device and precision a model runs in,
+the test-time views, and batched prediction over uint8 faces.
+
+evaluate, predict, self_train's pseudo-labels and the per-epoch validation all score through
+`predict_proba`, so every accuracy the pipeline reports is the accuracy of what predict writes.
+"""
 import contextlib
 import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .augment import test_views
 from .errors import FerPipeError
+from .params import choice
 
+TTA_MODES = ("none", "flip", "tencrop", "grid", "grid_zoom")
+
+# The `infer:` section: evaluate and predict share it, so evaluate's test accuracy is the
+# accuracy of exactly what predict writes.
+SCHEMA = {
+    "tta": choice(*TTA_MODES),
+}
+
+
+# ---------------------------------------------------------------- device and precision
 
 def pick_device(name):
     if name == "auto":
@@ -64,6 +80,8 @@ def autocast(device, precision):
     return contextlib.nullcontext()
 
 
+# ---------------------------------------------------------------- inputs and test-time views
+
 def to_float(x_uint8, device):
     """(N, 48, 48) uint8 (numpy or tensor) -> (N, 1, 48, 48) float32 in [0, 1] on device."""
     x = torch.as_tensor(x_uint8).to(device)
@@ -73,6 +91,40 @@ def to_float(x_uint8, device):
 def channels_last(x):
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
+
+def center_crop(x, crop):
+    o = (x.shape[-1] - crop) // 2
+    return x[..., o:o + crop, o:o + crop]
+
+
+def _grid(x, crop):
+    e = x.shape[-1] - crop
+    offsets = sorted(set(range(0, e + 1, 2)) | {e})
+    return [x[..., i:i + crop, j:j + crop] for i in offsets for j in offsets]
+
+
+def test_views(x, crop, mode):
+    """Deterministic views whose predictions are averaged at test time, each with its mirror.
+    grid takes every crop whose corner lies on a 2-pixel grid (25 for 40 of 48), covering the
+    shifts seen in training more densely than tencrop's five. grid_zoom adds the same grid
+    over the face shrunk halfway to the crop size (44 px for 40 of 48, so a crop holds 91% of
+    the face): a zoom-out of the kind training's zoom produces, with no number to tune."""
+    views = [center_crop(x, crop)]
+    e = x.shape[-1] - crop
+    if mode == "tencrop" and e > 0:
+        views += [x[..., :crop, :crop], x[..., :crop, e:], x[..., e:, :crop], x[..., e:, e:]]
+    if mode in ("grid", "grid_zoom") and e > 0:
+        views = _grid(x, crop)
+        if mode == "grid_zoom" and e >= 2:
+            small = F.interpolate(x, size=(x.shape[-1] - e // 2,) * 2, mode="bilinear",
+                                  align_corners=False, antialias=True)
+            views += _grid(small, crop)
+    if mode != "none":
+        views += [v.flip(-1) for v in views]
+    return views
+
+
+# ---------------------------------------------------------------- prediction
 
 @torch.no_grad()
 def predict_proba(model, images, crop, tta="none", batch_size=512, precision="fp32", device=None):
@@ -89,3 +141,23 @@ def predict_proba(model, images, crop, tta="none", batch_size=512, precision="fp
                 probs = probs + torch.softmax(model(channels_last(v)).float(), 1)
         out.append((probs / len(views)).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 7), np.float32)
+
+
+def predict(model, images, crop, tta, rt):
+    """predict_proba with the batch size, precision and device of the resolved run-time
+    settings (runtime.setup): the precision that suits this machine, not the training one."""
+    return predict_proba(model, images, crop, tta, rt["batch_size"], rt["precision"], rt["device"])
+
+
+def faces_to_predict(splits):
+    """The unlabelled faces (course test.csv) when there are any, else the test split."""
+    if len(splits["unlabelled_y"]):
+        return "unlabelled", splits["unlabelled_x"], splits["unlabelled_ids"]
+    return "test", splits["test_x"], splits["test_ids"]
+
+
+def predictions_table(ids, probs):
+    """The `id,label` table predict writes."""
+    import pandas as pd
+
+    return pd.DataFrame({"id": ids, "label": probs.argmax(1)})

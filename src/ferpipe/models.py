@@ -60,14 +60,14 @@ ENSEMBLE_SCHEMA = {
 }
 
 
-def resolve_cnn_config(cfg):
-    if len(cfg["widths"]) != len(cfg["convs"]):
-        raise FerPipeError(f"params.yaml: cnn.convs: has {len(cfg['convs'])} entries but "
-                           f"cnn.widths has {len(cfg['widths'])}; give one per block")
-    if cfg["preset"] != "custom":
-        cfg = {**cfg, **PRESETS[cfg["preset"]]}
+def resolve_cnn_config(arch):
+    if len(arch["widths"]) != len(arch["convs"]):
+        raise FerPipeError(f"params.yaml: cnn.convs: has {len(arch['convs'])} entries but "
+                           f"cnn.widths has {len(arch['widths'])}; give one per block")
+    if arch["preset"] != "custom":
+        arch = {**arch, **PRESETS[arch["preset"]]}
     # Models saved before the key existed pooled after every block.
-    return {"pool_last_block": True, **cfg}
+    return {"pool_last_block": True, **arch}
 
 
 def _activation(name, channels):
@@ -137,41 +137,41 @@ def _dense_head(n_in, widths, batch_norm, activation, dropout):
 
 
 class FerCNN(nn.Module):
-    def __init__(self, cfg, input_size):
+    def __init__(self, arch, input_size):
         super().__init__()
-        cfg = resolve_cnn_config(cfg)
+        arch = resolve_cnn_config(arch)
         self.norm = Normalize()
         blocks, cin, size = OrderedDict(), 1, input_size
-        n_blocks = len(cfg["widths"])
-        for i, (width, n) in enumerate(zip(cfg["widths"], cfg["convs"])):
+        n_blocks = len(arch["widths"])
+        for i, (width, n) in enumerate(zip(arch["widths"], arch["convs"])):
             # 2x2 pooling floors odd sizes: a 40px crop reaches the last block at 5x5, whose
             # pooling keeps the top-left 4x4 and drops the bottom row and the right column.
-            pool = i < n_blocks - 1 or cfg["pool_last_block"]
+            pool = i < n_blocks - 1 or arch["pool_last_block"]
             if pool and size < 2:
-                raise FerPipeError(f"params.yaml: cnn.widths: {len(cfg['widths'])} pooling blocks "
+                raise FerPipeError(f"params.yaml: cnn.widths: {len(arch['widths'])} pooling blocks "
                                    f"shrink a {input_size}px input below 1px; use fewer blocks")
-            blocks[f"block{i + 1}"] = ConvBlock(cin, width, n, cfg["kernel"], cfg["batch_norm"],
-                                                cfg["activation"], cfg["pooling"],
-                                                cfg["block_dropout"], cfg["residual"], pool)
+            blocks[f"block{i + 1}"] = ConvBlock(cin, width, n, arch["kernel"], arch["batch_norm"],
+                                                arch["activation"], arch["pooling"],
+                                                arch["block_dropout"], arch["residual"], pool)
             cin, size = width, size // 2 if pool else size
         self.features = nn.Sequential(blocks)
-        if cfg["global_pool"] == "avg":
+        if arch["global_pool"] == "avg":
             self.pool, n_flat = nn.AdaptiveAvgPool2d(1), cin
         else:
             self.pool, n_flat = nn.Identity(), cin * size * size
-        self.head = _dense_head(n_flat, cfg["head"], cfg["batch_norm"], cfg["activation"],
-                                cfg["head_dropout"])
+        self.head = _dense_head(n_flat, arch["head"], arch["batch_norm"], arch["activation"],
+                                arch["head_dropout"])
 
     def forward(self, x):
         return self.head(torch.flatten(self.pool(self.features(self.norm(x))), 1))
 
 
 class FerDNN(nn.Module):
-    def __init__(self, widths, cfg, input_size):
+    def __init__(self, widths, dnn, input_size):
         super().__init__()
         self.norm = Normalize()
-        self.head = _dense_head(input_size * input_size, widths, cfg["batch_norm"],
-                                cfg["activation"], cfg["dropout"])
+        self.head = _dense_head(input_size * input_size, widths, dnn["batch_norm"],
+                                dnn["activation"], dnn["dropout"])
 
     def forward(self, x):
         return self.head(torch.flatten(self.norm(x), 1))
@@ -200,15 +200,15 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def dnn_widths(dnn_cfg, input_size, target):
+def dnn_widths(dnn, input_size, target):
     """Hidden widths, tapering by dnn.taper, whose total parameter count is closest to
     `target`; raises if the best is still outside dnn.tolerance."""
     def widths_for(base):
-        return [max(1, round(base * dnn_cfg["taper"] ** i)) for i in range(dnn_cfg["hidden_layers"])]
+        return [max(1, round(base * dnn["taper"] ** i)) for i in range(dnn["hidden_layers"])]
 
     def params_for(base):
         with torch.device("meta"):  # counts shapes only: no memory, no initialisation
-            return count_params(FerDNN(widths_for(base), dnn_cfg, input_size))
+            return count_params(FerDNN(widths_for(base), dnn, input_size))
 
     lo, hi = 1, 1
     while params_for(hi) < target:
@@ -220,10 +220,10 @@ def dnn_widths(dnn_cfg, input_size, target):
         lo, hi = (mid, hi) if params_for(mid) < target else (lo, mid)
     base = min((lo, hi), key=lambda b: abs(params_for(b) - target))
     got = params_for(base)
-    if abs(got - target) > dnn_cfg["tolerance"] * target:
+    if abs(got - target) > dnn["tolerance"] * target:
         raise FerPipeError(f"params.yaml: dnn: no widths with hidden_layers="
-                           f"{dnn_cfg['hidden_layers']} and taper={dnn_cfg['taper']} come within "
-                           f"{dnn_cfg['tolerance']:.0%} of the CNN's {target} parameters "
+                           f"{dnn['hidden_layers']} and taper={dnn['taper']} come within "
+                           f"{dnn['tolerance']:.0%} of the CNN's {target} parameters "
                            f"(closest: {got}); change dnn.hidden_layers or dnn.taper")
     return widths_for(base)
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from . import EMOTIONS, NUM_CLASSES, infer, runtime, train
-from .augment import TTA_MODES
 from .errors import FerPipeError
 from .params import boolean, choice, integer, number
 
@@ -35,7 +34,7 @@ SCHEMA = {
     "include_unlabelled": boolean(),            # add the course test.csv faces to the pool
     "retrain": choice("scratch", "finetune"),   # each round from fresh weights or the last round's
     "epochs": integer(lo=0),                    # baseline and rounds alike; 0 = train.epochs
-    "tta": choice(*TTA_MODES),                  # views averaged for pseudo-labels and scores
+    "tta": choice(*infer.TTA_MODES),                  # views averaged for pseudo-labels and scores
 }
 
 # Confidence levels at which each round also counts how many pool faces would be added and
@@ -125,10 +124,10 @@ def confidence_profile(probs, hidden, thresholds=PROFILE_THRESHOLDS):
     return out
 
 
-def round_config(cfg, st):
+def round_config(training, st):
     """The train settings used by the baseline and every round: self_train.epochs, when not
     0, replaces train.epochs for all of them, so the comparison stays fair."""
-    return {**cfg, "epochs": st["epochs"] or cfg["epochs"]}
+    return {**training, "epochs": st["epochs"] or training["epochs"]}
 
 
 def _accuracy(probs, labels):
@@ -145,90 +144,121 @@ def _weights_digest(model):
     return h.hexdigest()
 
 
-def self_train(new_model, labelled_x, labelled_y, pool_x, hidden_y, val_x, val_y, test_x, test_y,
-               cfg, st, rt, resume_prefix=None):
+class Rounds:
+    """What the baseline and every round share: building a model, training it (resumably),
+    predicting with the self_train views and scoring on validation and test."""
+
+    def __init__(self, new_model, training, st, rt, val, test, labelled_y, resume_prefix):
+        self.new_model, self.training, self.st, self.rt = new_model, training, st, rt
+        self.val, self.test, self.labelled_y = val, test, labelled_y
+        self.resume_prefix, self.resume_files = resume_prefix, []
+
+    def fresh(self):
+        torch.manual_seed(self.training["seed"])  # the same initial weights every time
+        return self.new_model()
+
+    def predict(self, model, x):
+        return infer.predict(model, x, self.training["crop"], self.st["tta"], self.rt)
+
+    def fit(self, r, model, x, y, chosen, labels):
+        """Train round r (0 = baseline) in place, keep its best weights; returns them and
+        the training record."""
+        name = "self_train baseline" if r == 0 else f"self_train round {r}"
+        run_id = train.fingerprint("self_train", r, self.training, self.st["retrain"],
+                                   self.labelled_y, chosen, labels, x[:, ::7, ::7], self.val[1],
+                                   _weights_digest(model))
+        checkpoint = None
+        if self.resume_prefix:
+            path = f"{self.resume_prefix}.round{r}.resume.pt"
+            self.resume_files.append(path)
+            checkpoint = train.Checkpoint(path, run_id)
+        best, _, record = train.fit(model, (x, y), self.val, self.training, self.rt, name,
+                                    checkpoint)
+        model.load_state_dict(best)
+        return best, record
+
+    def evaluate(self, model):
+        """(validation accuracy, test accuracy); None for an empty split."""
+        return tuple(_accuracy(self.predict(model, x), y) if len(y) else None
+                     for x, y in (self.val, self.test))
+
+
+def _trained_row(record, train_size, accuracies):
+    return {"train_size": int(train_size), "val_accuracy": accuracies[0],
+            "test_accuracy": accuracies[1], "best_epoch": record["best_epoch"],
+            "best_val_accuracy": record["best_val_accuracy"],
+            "train_minutes": record["train_minutes"]}
+
+
+def pseudo_label_round(r, probs, pool_idx, hidden_y, st, room):
+    """Choose round r's pseudo-labels among the pool faces `pool_idx` (predicted `probs`);
+    returns (pool indices added, their labels, the round's row of statistics)."""
+    sel, labels, conf = select_pseudo_labels(probs, st["threshold"], room)
+    new = pool_idx[sel]
+    stats = score_pseudo_labels(labels, hidden_y[new])
+    row = {"round": r, "pool_before": int(len(pool_idx)),
+           "pool_size": int(len(pool_idx) - len(new)), "added": int(len(new)),
+           "pseudo_label_accuracy": stats["accuracy"], "scored": stats["scored"],
+           "added_per_class": stats["added_per_class"],
+           "pseudo_label_accuracy_per_class": stats["accuracy_per_class"],
+           "mean_confidence": float(conf.mean()) if len(conf) else None,
+           "confidence_profile": confidence_profile(probs, hidden_y[pool_idx])}
+    return new, labels, row
+
+
+def _nothing_to_add(room, pool_size, threshold):
+    if room is not None and not room.any():
+        return "every class has reached its cap (self_train.class_cap)"
+    return (f"no face of the {pool_size} left in the pool reaches confidence {threshold} "
+            "within the class caps")
+
+
+def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_prefix=None):
     """The baseline and the self-training rounds. Returns a result dict (see `metrics`).
 
-    new_model() builds a model; it is called after seeding torch with train.seed, so the
-    baseline and every `scratch` round start from the same weights. `cfg` is the `train:`
-    section (the epochs override of `st` is applied here), `rt` the resolved run-time
-    settings (runtime.setup). `hidden_y` (-1 where unknown) is
-    used only by score_pseudo_labels and confidence_profile, never passed to the trainer.
-    `resume_prefix` names per-round checkpoints, so a killed run resumes where it stopped."""
-    cfg = round_config(cfg, st)
-    ceiling = 1 - cfg["label_smoothing"] * (NUM_CLASSES - 1) / NUM_CLASSES
+    `labelled`, `val` and `test` are (faces, labels); `pool` is (faces, hidden labels, -1
+    where unknown): the hidden labels only score the pseudo-labels (score_pseudo_labels,
+    confidence_profile) and never reach the trainer. new_model() builds a model; it is
+    called after seeding torch with train.seed, so the baseline and every `scratch` round
+    start from the same weights. `training` is the `train:` section (self_train.epochs is
+    applied here), `rt` the resolved run-time settings (runtime.setup). `resume_prefix`
+    names per-round checkpoints, so a killed run resumes where it stopped."""
+    training = round_config(training, st)
+    ceiling = 1 - training["label_smoothing"] * (NUM_CLASSES - 1) / NUM_CLASSES
     if st["threshold"] > ceiling:
-        print(f"[self_train] note: with train.label_smoothing {cfg['label_smoothing']} the "
+        print(f"[self_train] note: with train.label_smoothing {training['label_smoothing']} the "
               f"network is trained towards confidences of {ceiling:.3f}; few predictions will "
               f"reach self_train.threshold {st['threshold']}", flush=True)
-    labelled_y = np.asarray(labelled_y).astype(np.int64)
-    hidden_y = np.asarray(hidden_y).astype(np.int64)
+    labelled_x, labelled_y = labelled[0], np.asarray(labelled[1]).astype(np.int64)
+    pool_x, hidden_y = pool[0], np.asarray(pool[1]).astype(np.int64)
     if len(pool_x) != len(hidden_y):
         raise ValueError("pool_x and hidden_y differ in length")
     t_start = time.perf_counter()
-
-    def fresh():
-        torch.manual_seed(cfg["seed"])
-        return new_model()
-
-    def predict(model, x):
-        return infer.predict_proba(model, x, cfg["crop"], st["tta"], rt["batch_size"],
-                                   rt["precision"], rt["device"])
-
-    def fit(r, model, x, y, chosen, labels):
-        name = "self_train baseline" if r == 0 else f"self_train round {r}"
-        run_id = train.fingerprint("self_train", r, cfg, st["retrain"], labelled_y, chosen, labels,
-                                   x[:, ::7, ::7], val_y, _weights_digest(model))
-        resume = f"{resume_prefix}.round{r}.resume.pt" if resume_prefix else None
-        best, _, record = train.fit(model, x, y, val_x, val_y, cfg, rt, name, resume, run_id)
-        model.load_state_dict(best)
-        return best, record, resume
-
-    def evaluate(model):
-        return (_accuracy(predict(model, val_x), val_y) if len(val_y) else None,
-                _accuracy(predict(model, test_x), test_y) if len(test_y) else None)
-
+    rounds_of = Rounds(new_model, training, st, rt, val, test, labelled_y, resume_prefix)
     in_pool = np.ones(len(pool_x), bool)
     chosen = np.zeros(0, np.int64)          # pool indices pseudo-labelled so far, in order added
     pseudo = np.zeros(0, np.int64)          # their predicted labels
     labelled_counts = np.bincount(labelled_y, minlength=NUM_CLASSES)
-    resume_files = []
 
-    model = fresh()
-    best, record, resume = fit(0, model, labelled_x, labelled_y, chosen, pseudo)
-    resume_files.append(resume)
-    val_acc, test_acc = evaluate(model)
+    model = rounds_of.fresh()
+    best, record = rounds_of.fit(0, model, labelled_x, labelled_y, chosen, pseudo)
     states = {0: best}
     rounds = [{"round": 0, "pool_before": int(len(pool_x)), "pool_size": int(len(pool_x)),
-               "added": 0, "pseudo_label_accuracy": None, "train_size": int(len(labelled_y)),
-               "val_accuracy": val_acc, "test_accuracy": test_acc,
-               "best_epoch": record["best_epoch"], "best_val_accuracy": record["best_val_accuracy"],
-               "train_minutes": record["train_minutes"]}]
-    print(f"[self_train] baseline on {len(labelled_y)} labelled faces: val {_fmt(val_acc)}, "
-          f"test {_fmt(test_acc)}", flush=True)
+               "added": 0, "pseudo_label_accuracy": None,
+               **_trained_row(record, len(labelled_y), rounds_of.evaluate(model))}]
+    print(f"[self_train] baseline on {len(labelled_y)} labelled faces: "
+          f"val {_fmt(rounds[0]['val_accuracy'])}, test {_fmt(rounds[0]['test_accuracy'])}",
+          flush=True)
 
     for r in range(1, st["rounds"] + 1):
         pool_idx = np.flatnonzero(in_pool)
-        probs = predict(model, pool_x[pool_idx])
-        room = cap_room(st["class_cap"], labelled_counts,
-                        np.bincount(pseudo, minlength=NUM_CLASSES))
-        sel, labels, conf = select_pseudo_labels(probs, st["threshold"], room)
-        new = pool_idx[sel]
-        stats = score_pseudo_labels(labels, hidden_y[new])
-        row = {"round": r, "pool_before": int(len(pool_idx)),
-               "pool_size": int(len(pool_idx) - len(new)), "added": int(len(new)),
-               "pseudo_label_accuracy": stats["accuracy"], "scored": stats["scored"],
-               "added_per_class": stats["added_per_class"],
-               "pseudo_label_accuracy_per_class": stats["accuracy_per_class"],
-               "mean_confidence": float(conf.mean()) if len(conf) else None,
-               "confidence_profile": confidence_profile(probs, hidden_y[pool_idx])}
+        room = cap_room(st["class_cap"], labelled_counts, np.bincount(pseudo, minlength=NUM_CLASSES))
+        new, labels, row = pseudo_label_round(r, rounds_of.predict(model, pool_x[pool_idx]),
+                                              pool_idx, hidden_y, st, room)
         if len(new) == 0:
             # The training set would be unchanged, so would the model and its predictions: stop.
-            why = ("every class has reached its cap (self_train.class_cap)"
-                   if room is not None and not room.any() else
-                   f"no face of the {len(pool_idx)} left in the pool reaches confidence "
-                   f"{st['threshold']} within the class caps")
-            print(f"[self_train] round {r}: nothing to add: {why}; stopping", flush=True)
+            print(f"[self_train] round {r}: nothing to add: "
+                  f"{_nothing_to_add(room, len(pool_idx), st['threshold'])}; stopping", flush=True)
             rounds.append({**row, "skipped": True, "train_size": rounds[-1]["train_size"],
                            "val_accuracy": rounds[-1]["val_accuracy"],
                            "test_accuracy": rounds[-1]["test_accuracy"]})
@@ -239,35 +269,36 @@ def self_train(new_model, labelled_x, labelled_y, pool_x, hidden_y, val_x, val_y
         x = np.concatenate([labelled_x, pool_x[chosen]])
         y = np.concatenate([labelled_y, pseudo])
         print(f"[self_train] round {r}: pool {len(pool_idx)}, added {len(new)} "
-              f"(pseudo-label accuracy {_fmt(stats['accuracy'])} on {stats['scored']} scored), "
-              f"training on {len(y)} faces", flush=True)
+              f"(pseudo-label accuracy {_fmt(row['pseudo_label_accuracy'])} on {row['scored']} "
+              f"scored), training on {len(y)} faces", flush=True)
         if st["retrain"] == "scratch":
-            model = fresh()
-        best, record, resume = fit(r, model, x, y, chosen, pseudo)
-        resume_files.append(resume)
-        states[r] = best
-        val_acc, test_acc = evaluate(model)
+            model = rounds_of.fresh()
+        states[r], record = rounds_of.fit(r, model, x, y, chosen, pseudo)
         total = score_pseudo_labels(pseudo, hidden_y[chosen])
         rounds.append({**row, "skipped": False, "train_size": int(len(y)),
                        "pseudo_labels_total": int(len(pseudo)),
                        "pseudo_label_accuracy_total": total["accuracy"],
-                       "val_accuracy": val_acc, "test_accuracy": test_acc,
-                       "best_epoch": record["best_epoch"],
-                       "best_val_accuracy": record["best_val_accuracy"],
-                       "train_minutes": record["train_minutes"]})
-        print(f"[self_train] round {r}: val {_fmt(val_acc)}, test {_fmt(test_acc)}", flush=True)
+                       **_trained_row(record, len(y), rounds_of.evaluate(model))})
+        print(f"[self_train] round {r}: val {_fmt(rounds[-1]['val_accuracy'])}, "
+              f"test {_fmt(rounds[-1]['test_accuracy'])}", flush=True)
 
-    trained = [row for row in rounds[1:] if not row.get("skipped")]
-    # Model selection by validation only (ties: the earlier round, with fewer pseudo-labels).
-    pick = max(trained, key=lambda row: (_key(row["val_accuracy"]), -row["round"]))["round"] \
-        if trained else 0
-    return {"cfg": cfg, "st": st, "runtime": runtime.record(rt), "rounds": rounds,
+    pick = select_round(rounds)
+    return {"training": training, "st": st, "runtime": runtime.record(rt), "rounds": rounds,
             "selected_round": pick, "state": states[pick], "baseline_state": states[0],
             "labelled": int(len(labelled_y)), "pool": int(len(pool_x)),
             "pool_scored": int((hidden_y >= 0).sum()),
             "pseudo_index": chosen, "pseudo_labels": pseudo,
-            "resume_files": [f for f in resume_files if f],
+            "resume_files": rounds_of.resume_files,
             "minutes": (time.perf_counter() - t_start) / 60}
+
+
+def select_round(rounds):
+    """The trained round with the best validation accuracy (ties: the earlier round, with
+    fewer pseudo-labels); 0, the baseline, when no round trained. Test never chooses."""
+    trained = [row for row in rounds[1:] if not row.get("skipped")]
+    if not trained:
+        return 0
+    return max(trained, key=lambda row: (_key(row["val_accuracy"]), -row["round"]))["round"]
 
 
 def _key(acc):
@@ -278,15 +309,16 @@ def _fmt(acc):
     return "n/a" if acc is None else f"{acc:.4f}"
 
 
-def run(new_model, splits, cfg, st, rt, resume_prefix=None):
-    """Hide labels in the training split, assemble the pool, run `self_train`."""
+def run(new_model, splits, training, st, rt, resume_prefix=None, source="data/splits.npz"):
+    """Hide labels in the training split, assemble the pool, run `self_train`. `source`
+    names the splits file in messages."""
     for key in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
         if key not in splits:
-            raise FerPipeError(f"data/splits.npz: has no '{key}' array; run the split stage "
+            raise FerPipeError(f"{source}: has no '{key}' array; run the split stage "
                                "again (dvc repro split)")
     train_x, train_y = splits["train_x"], splits["train_y"].astype(np.int64)
     if len(train_y) == 0:
-        raise FerPipeError("data/splits.npz: the training split is empty")
+        raise FerPipeError(f"{source}: the training split is empty")
     labelled, hidden = hide_labels(train_y, st["unlabeled_fraction"], st["seed"])
     pool_x, hidden_y = train_x[hidden], train_y[hidden]
     extra = splits.get("unlabelled_x", np.zeros((0,) + train_x.shape[1:], np.uint8))
@@ -297,9 +329,10 @@ def run(new_model, splits, cfg, st, rt, resume_prefix=None):
     print(f"[self_train] {len(labelled)} of {len(train_y)} training faces keep their labels "
           f"({len(labelled) / len(train_y):.1%}); pool: {len(hidden)} with hidden labels"
           + (f" + {n_extra} unlabelled" if n_extra else ""), flush=True)
-    result = self_train(new_model, train_x[labelled], train_y[labelled], pool_x, hidden_y,
-                        splits["val_x"], splits["val_y"].astype(np.int64), splits["test_x"],
-                        splits["test_y"].astype(np.int64), cfg, st, rt, resume_prefix)
+    result = self_train(new_model, (train_x[labelled], train_y[labelled]), (pool_x, hidden_y),
+                        (splits["val_x"], splits["val_y"].astype(np.int64)),
+                        (splits["test_x"], splits["test_y"].astype(np.int64)),
+                        training, st, rt, resume_prefix)
     result.update(train_faces=int(len(train_y)), extra_unlabelled=int(n_extra))
     return result
 
@@ -314,14 +347,14 @@ def metrics(result):
             return None
         return sel[key] - base[key]
 
-    st, cfg = result["st"], result["cfg"]
+    st, training = result["st"], result["training"]
     return {
         "labelled_fraction": result["labelled"] / result["train_faces"],
         "labelled": result["labelled"],
         "pool": result["pool"],
         "pool_with_hidden_labels": result["pool_scored"],
         "extra_unlabelled": result["extra_unlabelled"],
-        "settings": {**st, "epochs": cfg["epochs"]},
+        "settings": {**st, "epochs": training["epochs"]},
         "baseline": {"val": {"accuracy": base["val_accuracy"]},
                      "test": {"accuracy": base["test_accuracy"]},
                      "train_size": base["train_size"], "best_epoch": base["best_epoch"]},
@@ -355,6 +388,6 @@ def checkpoint_meta(result):
     pick = result["selected_round"]
     sel = next(r for r in result["rounds"] if r["round"] == pick)
     return {"best_epoch": sel["best_epoch"], "best_val_accuracy": sel["best_val_accuracy"],
-            "val_accuracy": sel["val_accuracy"], "crop": result["cfg"]["crop"],
+            "val_accuracy": sel["val_accuracy"], "crop": result["training"]["crop"],
             "precision": result["runtime"]["precision"], "self_train_round": pick,
             "labelled_fraction": result["labelled"] / result["train_faces"]}

@@ -1,0 +1,52 @@
+"""Every file the stages pass to one another, named once.
+
+dvc.yaml spells these paths too; tests/test_wiring.py checks that each stage's IN_/OUT_
+constants (taken from here) match its `deps` and `outs`, so the two cannot drift apart.
+"""
+KINDS = ("cnn", "dnn")        # the two networks the study compares
+EVAL_SPLITS = ("val", "test", "private")
+
+PREPARED = "data/prepared/faces.npz"
+DATA_METRICS = "metrics/data.json"
+CLASS_DISTRIBUTION = "plots/class_distribution.png"
+
+SPLITS = "data/splits.npz"
+SPLIT_METRICS = "metrics/split.json"
+
+MODEL = {kind: f"models/{kind}.pt" for kind in KINDS}
+TRAIN_METRICS = {kind: f"metrics/train_{kind}.json" for kind in KINDS}
+HISTORY = {kind: f"plots/train_{kind}.csv" for kind in KINDS}
+LAYER_TABLE = {kind: f"plots/{kind}_summary.txt" for kind in KINDS}
+RESUME = {kind: f"checkpoints/{kind}.resume.pt" for kind in KINDS}
+
+EVALUATE_METRICS = "metrics/evaluate.json"
+PER_CLASS = "metrics/evaluate_per_class.json"
+COMPARISON = "plots/comparison.md"
+TRAINING_CURVES = "plots/training_curves.png"
+
+
+def confusion(kind, split, suffix):
+    """The confusion matrix of one network on one split: its rows (.csv) or picture (.png)."""
+    return f"plots/confusion_{kind}_{split}.{suffix}"
+
+
+MISCLASSIFIED = {kind: f"plots/misclassified_{kind}_val.png" for kind in KINDS}
+
+PREDICTIONS = "predictions.csv"
+
+SALIENCY_FACES = "plots/saliency_faces.png"
+SALIENCY_CNN_VS_DNN = "plots/saliency_cnn_vs_dnn.png"
+SALIENCY_CLASS_AVERAGE = "plots/saliency_class_average.png"
+SALIENCY_METRICS = "metrics/saliency.json"
+
+FILTERS_FROM_NOISE = "plots/filters_from_noise.png"
+FILTERS_FROM_FACE = "plots/filters_from_face.png"
+FEATURE_MAPS = "plots/feature_maps.png"
+CONV1_KERNELS = "plots/conv1_kernels.png"
+DNN_WEIGHTS = "plots/dnn_first_layer.png"
+FILTERS_METRICS = "metrics/filters.json"
+
+SELF_TRAIN_MODEL = "models/self_train.pt"
+SELF_TRAIN_METRICS = "metrics/self_train.json"
+SELF_TRAIN_ROUNDS = "plots/self_train.csv"
+SELF_TRAIN_RESUME = "checkpoints/self_train"  # + .round<r>.resume.pt

@@ -1,0 +1,148 @@
+"""dvc.yaml against the code: each stage's `deps` list exactly the library files its script
+imports (transitively), its data `deps` and `outs` are exactly the IN_ and OUT_ paths the
+script names, and its `params` exactly the sections it reads. A stale or missing entry
+fails with the stage and the file named."""
+import ast
+import importlib.util
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+LIBRARY = ROOT / "src" / "ferpipe"
+
+
+def library_imports(path):
+    """The ferpipe modules a file imports, as paths relative to the project root."""
+    tree = ast.parse(path.read_text(), str(path))
+    in_library = path.parent == LIBRARY
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and in_library:
+                base = node.module
+            elif node.level == 0 and node.module and node.module.split(".")[0] == "ferpipe":
+                base = node.module[len("ferpipe."):] if "." in node.module else None
+            else:
+                continue
+            if base:
+                found.add(base.split(".")[0])
+            else:  # `from . import a, b` / `from ferpipe import a, b`: modules or names
+                found |= {a.name for a in node.names if (LIBRARY / f"{a.name}.py").exists()}
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                parts = a.name.split(".")
+                if parts[0] == "ferpipe" and len(parts) > 1:
+                    found.add(parts[1])
+    return {f"src/ferpipe/{m}.py" for m in found}
+
+
+def import_closure(script):
+    """The stage script and every library file it needs, with the package's __init__."""
+    todo, seen = [ROOT / script], set()
+    while todo:
+        path = todo.pop()
+        rel = str(path.relative_to(ROOT))
+        if rel in seen:
+            continue
+        seen.add(rel)
+        todo += [ROOT / m for m in library_imports(path)]
+    return seen | {"src/ferpipe/__init__.py"}
+
+
+def declared(stage, key):
+    """The paths of one dvc.yaml list (deps, outs, metrics, plots), without their options."""
+    out = set()
+    for item in PIPELINE[stage].get(key, []):
+        out |= set(item) if isinstance(item, dict) else {item}
+    return out
+
+
+def flatten(value):
+    if isinstance(value, dict):
+        return set().union(*(flatten(v) for v in value.values()))
+    if isinstance(value, (list, tuple, set)):
+        return set().union(*(flatten(v) for v in value))
+    return {value}
+
+
+def stage_module(name):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "src"))
+    try:
+        spec.loader.exec_module(module)  # stages run main() only as __main__
+    finally:
+        sys.path.remove(str(ROOT / "src"))
+    return module
+
+
+def named_paths(module, prefix):
+    return set().union(*[flatten(v) for k, v in vars(module).items() if k.startswith(prefix)])
+
+
+def params_read(script):
+    """The section names of every params.load({...}) call in a stage script."""
+    sections = set()
+    for node in ast.walk(ast.parse((ROOT / script).read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load" and getattr(node.func.value, "id", "") == "params"):
+            sections |= {k.value for k in node.args[0].keys}
+    return sections
+
+
+def describe(label, missing, stale):
+    lines = [f"{label}:"]
+    lines += [f"  missing from dvc.yaml: {p}" for p in sorted(missing)]
+    lines += [f"  listed in dvc.yaml but not used: {p}" for p in sorted(stale)]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("stage", sorted(PIPELINE))
+def test_code_deps_are_the_import_closure(stage):
+    script = f"stages/{stage}.py"
+    assert PIPELINE[stage]["cmd"] == f"python {script}"
+    want = import_closure(script)
+    have = {d for d in declared(stage, "deps") if d.endswith(".py")}
+    assert want == have, describe(f"stage {stage}: code deps", want - have, have - want)
+
+
+@pytest.mark.parametrize("stage", sorted(PIPELINE))
+def test_data_deps_and_outs_are_the_paths_the_script_names(stage):
+    module = stage_module(stage)
+    inputs = named_paths(module, "IN_")
+    have = {d for d in declared(stage, "deps") if not d.endswith(".py") and not d.startswith("${")}
+    assert inputs == have, describe(f"stage {stage}: data deps (IN_ constants)",
+                                    inputs - have, have - inputs)
+    outputs = named_paths(module, "OUT_")
+    have = declared(stage, "outs") | declared(stage, "metrics") | declared(stage, "plots")
+    assert outputs == have, describe(f"stage {stage}: outs (OUT_ constants)",
+                                     outputs - have, have - outputs)
+
+
+@pytest.mark.parametrize("stage", sorted(PIPELINE))
+def test_params_are_the_sections_the_script_reads(stage):
+    want = params_read(f"stages/{stage}.py")
+    have = set(PIPELINE[stage].get("params", []))
+    assert want == have, describe(f"stage {stage}: params", want - have, have - want)
+    assert "runtime" not in have, "runtime changes speed only: no stage declares it"
+
+
+def test_every_stage_input_is_made_by_an_earlier_stage():
+    made = set()
+    for stage, spec in PIPELINE.items():  # dvc.yaml lists the stages in running order
+        needs = {d for d in declared(stage, "deps")
+                 if not d.endswith(".py") and not d.startswith("${")}
+        assert needs <= made, f"stage {stage} reads {sorted(needs - made)}, which no earlier stage writes"
+        made |= declared(stage, "outs") | declared(stage, "metrics") | declared(stage, "plots")
+
+
+def test_the_checker_sees_a_missing_import():
+    """The closure follows relative, absolute and `from . import` forms."""
+    closure = import_closure("stages/evaluate.py")
+    assert {"src/ferpipe/evaluation.py", "src/ferpipe/infer.py", "src/ferpipe/plots.py",
+            "src/ferpipe/runtime.py", "src/ferpipe/errors.py"} <= closure
+    assert "src/ferpipe/train.py" not in closure
