@@ -1,23 +1,25 @@
 """Stage filters: what the CNN's filters respond to. Gradient ascent on the input (from
 noise and from a real face) for the first filters of chosen layers, the feature maps of one
 face, the first convolution's kernels and the DNN's first-layer weights as images."""
-from ferpipe import explain, files, models, params, runtime
+from ferpipe import files, filters, models, params, paths, runtime
 from ferpipe.errors import run_stage
+from ferpipe.explain_figures import (dnn_weights_figure, feature_maps_figure, filters_figure,
+                                     kernels_figure)
 from ferpipe.files import save_figure, write_json
 
-IN_SPLITS = "data/splits.npz"
-IN_CNN = "models/cnn.pt"
-IN_DNN = "models/dnn.pt"
-OUT_FROM_NOISE = "plots/filters_from_noise.png"
-OUT_FROM_FACE = "plots/filters_from_face.png"
-OUT_FEATURE_MAPS = "plots/feature_maps.png"
-OUT_KERNELS = "plots/conv1_kernels.png"
-OUT_DNN_WEIGHTS = "plots/dnn_first_layer.png"
-OUT_METRICS = "metrics/filters.json"
+IN_SPLITS = paths.SPLITS
+IN_CNN = paths.MODEL["cnn"]
+IN_DNN = paths.MODEL["dnn"]
+OUT_FROM_NOISE = paths.FILTERS_FROM_NOISE
+OUT_FROM_FACE = paths.FILTERS_FROM_FACE
+OUT_FEATURE_MAPS = paths.FEATURE_MAPS
+OUT_KERNELS = paths.CONV1_KERNELS
+OUT_DNN_WEIGHTS = paths.DNN_WEIGHTS
+OUT_METRICS = paths.FILTERS_METRICS
 
 
 def main():
-    p = params.load({"filters": explain.FILTERS_SCHEMA})["filters"]
+    p = params.load({"filters": filters.SCHEMA})["filters"]
     splits = files.load_npz(IN_SPLITS, "data splits")
     # Gradients stay in fp32 (bf16 would blur small saliency values); threads and device
     # come from the runtime section.
@@ -25,14 +27,14 @@ def main():
     cnn, cnn_ckpt = models.load(IN_CNN, device)
     cnn = models.single(cnn)  # an ensemble is explained through its first network
     dnn, _ = models.load(IN_DNN, device)
-    res = explain.filters_study(cnn, cnn_ckpt["input_size"], dnn, splits["val_x"],
+    res = filters.filters_study(cnn, cnn_ckpt["input_size"], dnn, splits["val_x"],
                                 splits["val_y"], p)
-    save_figure(OUT_FROM_NOISE, explain.filters_figure(res, "noise"))
-    save_figure(OUT_FROM_FACE, explain.filters_figure(res, "face"))
-    save_figure(OUT_FEATURE_MAPS, explain.feature_maps_figure(res))
-    save_figure(OUT_KERNELS, explain.kernels_figure(res))
-    save_figure(OUT_DNN_WEIGHTS, explain.dnn_weights_figure(res))
-    metrics = explain.filters_metrics(res)
+    save_figure(OUT_FROM_NOISE, filters_figure(res, "noise"))
+    save_figure(OUT_FROM_FACE, filters_figure(res, "face"))
+    save_figure(OUT_FEATURE_MAPS, feature_maps_figure(res))
+    save_figure(OUT_KERNELS, kernels_figure(res))
+    save_figure(OUT_DNN_WEIGHTS, dnn_weights_figure(res))
+    metrics = filters.filters_metrics(res)
     write_json(OUT_METRICS, metrics)
     print("filters: " + "; ".join(
         f"{name}: {m['filters']} filters, mean activation {m['noise']['start']:.2f} -> "

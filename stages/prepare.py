@@ -1,12 +1,12 @@
 """Stage prepare: read the raw FER2013 data in whichever form it comes, validate every row
 and image, and write one compact array file plus counts and a class-distribution chart."""
-from ferpipe import data, params, plots
+from ferpipe import data, params, paths, plots
 from ferpipe.errors import run_stage
 from ferpipe.files import save_figure, save_npz, write_json
 
-OUT_DATA = "data/prepared/faces.npz"
-OUT_METRICS = "metrics/data.json"
-OUT_PLOT = "plots/class_distribution.png"
+OUT_DATA = paths.PREPARED
+OUT_METRICS = paths.DATA_METRICS
+OUT_PLOT = paths.CLASS_DISTRIBUTION
 
 
 def main():

@@ -1,21 +1,23 @@
 """Stage saliency: where the CNN looks. Vanilla gradient, SmoothGrad and Grad-CAM maps on
 chosen validation faces, the same faces through the DNN, and class-average maps over the
 whole validation split."""
-from ferpipe import explain, files, models, params, runtime
+from ferpipe import files, models, params, paths, runtime, saliency
 from ferpipe.errors import run_stage
+from ferpipe.explain_figures import (class_average_figure, model_comparison_figure,
+                                     saliency_faces_figure)
 from ferpipe.files import save_figure, write_json
 
-IN_SPLITS = "data/splits.npz"
-IN_CNN = "models/cnn.pt"
-IN_DNN = "models/dnn.pt"
-OUT_FACES = "plots/saliency_faces.png"
-OUT_CNN_VS_DNN = "plots/saliency_cnn_vs_dnn.png"
-OUT_CLASS_AVERAGE = "plots/saliency_class_average.png"
-OUT_METRICS = "metrics/saliency.json"
+IN_SPLITS = paths.SPLITS
+IN_CNN = paths.MODEL["cnn"]
+IN_DNN = paths.MODEL["dnn"]
+OUT_FACES = paths.SALIENCY_FACES
+OUT_CNN_VS_DNN = paths.SALIENCY_CNN_VS_DNN
+OUT_CLASS_AVERAGE = paths.SALIENCY_CLASS_AVERAGE
+OUT_METRICS = paths.SALIENCY_METRICS
 
 
 def main():
-    p = params.load({"saliency": explain.SALIENCY_SCHEMA})["saliency"]
+    p = params.load({"saliency": saliency.SCHEMA})["saliency"]
     splits = files.load_npz(IN_SPLITS, "data splits")
     # Gradients stay in fp32 (bf16 would blur small saliency values); threads and device
     # come from the runtime section.
@@ -23,12 +25,12 @@ def main():
     cnn, cnn_ckpt = models.load(IN_CNN, device)
     cnn = models.single(cnn)  # an ensemble is explained through its first network
     dnn, dnn_ckpt = models.load(IN_DNN, device)
-    res = explain.saliency_study(cnn, cnn_ckpt["input_size"], dnn, dnn_ckpt["input_size"],
-                                 splits["val_x"], splits["val_y"], p)
-    save_figure(OUT_FACES, explain.saliency_faces_figure(res))
-    save_figure(OUT_CNN_VS_DNN, explain.model_comparison_figure(res))
-    save_figure(OUT_CLASS_AVERAGE, explain.class_average_figure(res))
-    metrics = explain.saliency_metrics(res)
+    res = saliency.saliency_study(cnn, cnn_ckpt["input_size"], dnn, dnn_ckpt["input_size"],
+                                  splits["val_x"], splits["val_y"], p)
+    save_figure(OUT_FACES, saliency_faces_figure(res))
+    save_figure(OUT_CNN_VS_DNN, model_comparison_figure(res))
+    save_figure(OUT_CLASS_AVERAGE, class_average_figure(res))
+    metrics = saliency.saliency_metrics(res)
     write_json(OUT_METRICS, metrics)
     print(f"saliency: {metrics['faces_shown']} faces explained, class averages over "
           f"{len(splits['val_y'])} validation faces; Grad-CAM at {res['gradcam_layer']}; "

@@ -1,12 +1,12 @@
 """Stage split: a stratified, seeded validation set carved from Training; PublicTest is the
 test set, PrivateTest (when present) a second one, unlabelled faces are kept for predict."""
-from ferpipe import data, params
+from ferpipe import data, params, paths
 from ferpipe.errors import run_stage
 from ferpipe.files import save_npz, write_json
 
-IN_DATA = "data/prepared/faces.npz"
-OUT_SPLITS = "data/splits.npz"
-OUT_METRICS = "metrics/split.json"
+IN_DATA = paths.PREPARED
+OUT_SPLITS = paths.SPLITS
+OUT_METRICS = paths.SPLIT_METRICS
 
 
 def main():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ferpipe import EMOTIONS, explain, models, synthetic
+from ferpipe import EMOTIONS, explain_figures, filters, models, probe, saliency, synthetic
 from ferpipe.errors import FerPipeError
 from ferpipe.files import save_npz, save_torch
 
@@ -76,11 +76,11 @@ def nets():
 
 def test_saliency_and_gradcam_land_in_the_region_the_answer_comes_from(faces):
     net = RegionNet().eval()
-    x = explain.model_input(faces[0][:8], CROP, torch.device("cpu"))
+    x = probe.model_input(faces[0][:8], CROP, torch.device("cpu"))
     target = torch.full((8,), 3)
-    van, _ = explain.vanilla(net, x, target)
-    smooth = explain.smoothgrad(net, x, target, 4, 0.2, 16, torch.Generator().manual_seed(0))
-    cam = explain.gradcam(net, net.features.act, x, target)
+    van, _ = saliency.vanilla(net, x, target)
+    smooth = saliency.smoothgrad(net, x, target, 4, 0.2, 16, torch.Generator().manual_seed(0))
+    cam = saliency.gradcam(net, net.features.act, x, target)
     assert van.shape == smooth.shape == cam.shape == (8, CROP, CROP)
     for maps in (van, smooth, cam):
         assert maps.min() >= 0 and maps.max() <= 1 and (maps.flatten(1).amax(1) > 0).all()
@@ -90,18 +90,18 @@ def test_saliency_and_gradcam_land_in_the_region_the_answer_comes_from(faces):
     # The face's own pixels never leak: the same maps whatever lies outside the box.
     other = x.clone()
     other[..., 30:, :10] = torch.rand(8, 1, 10, 10)
-    torch.testing.assert_close(explain.vanilla(net, other, target)[0], van)
-    assert explain.last_conv_layer(net) == "features.act"
+    torch.testing.assert_close(saliency.vanilla(net, other, target)[0], van)
+    assert saliency.last_conv_layer(net) == "features.act"
 
 
 def test_class_average_is_the_mean_of_single_face_maps_and_ignores_the_outside(faces):
     net = RegionNet().eval()
     x, y = faces
-    avg = explain.class_average(net, x, y, CROP, batch_size=5, percentile=99.0, centre=0.5)
+    avg = saliency.class_average(net, x, y, CROP, batch_size=5, percentile=99.0, centre=0.5)
     assert avg["maps"].shape == (7, CROP, CROP) and avg["probs"].shape == (len(y), 7)
     assert list(avg["counts"]) == [3] * 7
-    one = [explain.vanilla(net, explain.model_input(x[i:i + 1], CROP, torch.device("cpu")),
-                           torch.tensor([int(y[i])]), 99.0)[0][0].numpy() for i in range(len(y))]
+    one = [saliency.vanilla(net, probe.model_input(x[i:i + 1], CROP, torch.device("cpu")),
+                            torch.tensor([int(y[i])]), 99.0)[0][0].numpy() for i in range(len(y))]
     for c in range(7):
         np.testing.assert_allclose(avg["maps"][c], np.mean([m for m, k in zip(one, y) if k == c], 0),
                                    atol=1e-5)
@@ -114,28 +114,28 @@ def test_pick_faces_mixes_right_and_wrong_and_is_seeded():
     labels = np.repeat(np.arange(7), 6)
     pred = labels.copy()
     pred[::3] = (labels[::3] + 1) % 7  # two wrong faces per class
-    pick = explain.pick_faces(labels, pred, 3, 1, seed=4)
+    pick = saliency.pick_faces(labels, pred, 3, 1, seed=4)
     assert len(pick) == 21
     for c in range(7):
         mine = pick[labels[pick] == c]
         assert len(mine) == 3 and (pred[mine] != c).sum() == 1
         assert (pred[mine[:2]] == c).all()  # correct first
-    np.testing.assert_array_equal(pick, explain.pick_faces(labels, pred, 3, 1, seed=4))
+    np.testing.assert_array_equal(pick, saliency.pick_faces(labels, pred, 3, 1, seed=4))
     # A class with too few correct faces is topped up with wrong ones.
     pred[labels == 0] = 1
-    assert (labels[explain.pick_faces(labels, pred, 3, 1, seed=0)] == 0).sum() == 3
+    assert (labels[saliency.pick_faces(labels, pred, 3, 1, seed=0)] == 0).sum() == 3
 
 
 def test_gradient_ascent_raises_each_filter_far_above_its_start(nets, faces):
     cnn, _ = nets
     gen = torch.Generator().manual_seed(0)
     noise = (0.5 + 0.05 * torch.randn(6, 1, CROP, CROP, generator=gen)).clamp(0, 1)
-    face = explain.model_input(faces[0][:1], CROP, torch.device("cpu")).expand(6, -1, -1, -1)
+    face = probe.model_input(faces[0][:1], CROP, torch.device("cpu")).expand(6, -1, -1, -1)
     modules = dict(cnn.named_modules())
     for name, start in (("features.block1.conv1", noise), ("features.block2.conv1", noise),
                         ("features.block2.conv1", face)):
         layer = modules[name]
-        imgs, first, reached = explain.maximise_filters(cnn, layer, torch.arange(6), start,
+        imgs, first, reached = filters.maximise_filters(cnn, layer, torch.arange(6), start,
                                                         {**FILTERS, "steps": 60}, gen)
         assert imgs.shape == start.shape and imgs.min() >= 0 and imgs.max() <= 1
         gain = reached - first
@@ -145,7 +145,7 @@ def test_gradient_ascent_raises_each_filter_far_above_its_start(nets, faces):
             # the sum of its weights times the mean pixel: all-black or all-white is (nearly)
             # the best image. The ascent must get close to that optimum for every filter.
             with torch.no_grad():
-                best = torch.maximum(*(explain.filter_objective(cnn, layer, torch.full_like(start, v),
+                best = torch.maximum(*(filters.filter_objective(cnn, layer, torch.full_like(start, v),
                                                                 torch.arange(6)) for v in (0.0, 1.0)))
             assert (reached > 0.9 * best).all() and (gain > 0.1).all(), (first, reached, best)
         else:
@@ -153,13 +153,13 @@ def test_gradient_ascent_raises_each_filter_far_above_its_start(nets, faces):
             # cannot go much above zero, but most (at random init) rise well above their start.
             assert (gain > 0.2).sum() >= 4, (first, reached)
         with torch.no_grad():  # reported values are the filters' real activations
-            torch.testing.assert_close(explain.filter_objective(cnn, layer, imgs, torch.arange(6)),
+            torch.testing.assert_close(filters.filter_objective(cnn, layer, imgs, torch.arange(6)),
                                        reached)
     # Each image in the batch serves only its own filter: filter 2 alone ends the same.
     cfg = {**FILTERS, "jitter": 0}
     layer = modules["features.block2.conv1"]
-    batch = explain.maximise_filters(cnn, layer, torch.arange(6), noise, cfg, gen)[0]
-    alone = explain.maximise_filters(cnn, layer, torch.tensor([2]), noise[2:3], cfg, gen)[0]
+    batch = filters.maximise_filters(cnn, layer, torch.arange(6), noise, cfg, gen)[0]
+    alone = filters.maximise_filters(cnn, layer, torch.tensor([2]), noise[2:3], cfg, gen)[0]
     torch.testing.assert_close(batch[2:3], alone, atol=1e-4, rtol=0)
 
 
@@ -167,14 +167,14 @@ def test_unknown_or_unfit_layer_names_are_errors_naming_the_key(nets, faces):
     cnn, dnn = nets
     with pytest.raises(FerPipeError, match=r"params\.yaml: filters\.layers\[1\]: model has no "
                                            r"layer 'x' \(conv layers: features\.block1\.conv1, "):
-        explain.filters_study(cnn, CROP, dnn, *faces, {**FILTERS, "layers": [FILTERS["layers"][0], "x"]})
+        filters.filters_study(cnn, CROP, dnn, *faces, {**FILTERS, "layers": [FILTERS["layers"][0], "x"]})
     with pytest.raises(FerPipeError, match=r"filters\.layers\[0\]: layer 'head\.out' gives no "
                                            r"feature maps"):
-        explain.filters_study(cnn, CROP, dnn, *faces, {**FILTERS, "layers": ["head.out"]})
+        filters.filters_study(cnn, CROP, dnn, *faces, {**FILTERS, "layers": ["head.out"]})
     with pytest.raises(FerPipeError, match=r"saliency\.gradcam_layer: model has no layer 'conv9'"):
-        explain.saliency_study(cnn, CROP, dnn, CROP, *faces, {**SALIENCY, "gradcam_layer": "conv9"})
+        saliency.saliency_study(cnn, CROP, dnn, CROP, *faces, {**SALIENCY, "gradcam_layer": "conv9"})
     with pytest.raises(FerPipeError, match=r"filters\.face: must be below"):
-        explain.filters_study(cnn, CROP, dnn, *faces, {**FILTERS, "face": 10_000})
+        filters.filters_study(cnn, CROP, dnn, *faces, {**FILTERS, "face": 10_000})
 
 
 def _image_axes(fig):
@@ -185,25 +185,26 @@ def test_figures_have_their_panels(nets, faces):
     import matplotlib.pyplot as plt
 
     cnn, dnn = nets
-    res = explain.saliency_study(cnn, CROP, dnn, CROP, *faces, SALIENCY)
+    res = saliency.saliency_study(cnn, CROP, dnn, CROP, *faces, SALIENCY)
     n = len(res["picks"])
     assert n == 14 and res["gradcam_layer"] == "features.block2.act1"
-    fig = explain.saliency_faces_figure(res)
+    fig = explain_figures.saliency_faces_figure(res)
     assert len(_image_axes(fig)) == n * 5
-    np.testing.assert_allclose(fig.get_size_inches(), (5 * explain.TILE, n * explain.TILE * 1.08))
-    assert len(_image_axes(explain.model_comparison_figure(res))) == n * 5
-    assert len(_image_axes(explain.class_average_figure(res))) == 3 * 7
-    metrics = explain.saliency_metrics(res)
+    tile = explain_figures.TILE
+    np.testing.assert_allclose(fig.get_size_inches(), (5 * tile, n * tile * 1.08))
+    assert len(_image_axes(explain_figures.model_comparison_figure(res))) == n * 5
+    assert len(_image_axes(explain_figures.class_average_figure(res))) == 3 * 7
+    metrics = saliency.saliency_metrics(res)
     assert set(metrics["centre_share_cnn"]) == set(EMOTIONS) and metrics["faces_shown"] == n
 
-    fres = explain.filters_study(cnn, CROP, dnn, *faces, FILTERS)
-    assert len(_image_axes(explain.filters_figure(fres, "noise"))) == 4 + 4
-    assert len(_image_axes(explain.filters_figure(fres, "face"))) == 2 * (1 + 4)
-    assert len(_image_axes(explain.feature_maps_figure(fres))) == 2 * (1 + 5)
-    assert len(_image_axes(explain.kernels_figure(fres))) == TINY_CNN["widths"][0]
-    fig = explain.dnn_weights_figure(fres)
+    fres = filters.filters_study(cnn, CROP, dnn, *faces, FILTERS)
+    assert len(_image_axes(explain_figures.filters_figure(fres, "noise"))) == 4 + 4
+    assert len(_image_axes(explain_figures.filters_figure(fres, "face"))) == 2 * (1 + 4)
+    assert len(_image_axes(explain_figures.feature_maps_figure(fres))) == 2 * (1 + 5)
+    assert len(_image_axes(explain_figures.kernels_figure(fres))) == TINY_CNN["widths"][0]
+    fig = explain_figures.dnn_weights_figure(fres)
     assert len(_image_axes(fig)) == 6 and fig.axes[0].images[0].get_array().shape == (CROP, CROP)
-    m = explain.filters_metrics(fres)["layers"]
+    m = filters.filters_metrics(fres)["layers"]
     assert list(m) == FILTERS["layers"]
     assert all(v["noise"]["reached"] > v["noise"]["start"] for v in m.values())
     plt.close("all")

@@ -1,0 +1,98 @@
+"""How the explainability stages reach into a network: eval mode with frozen weights, the
+input as the models see it at test time, and layers found by name and read through hooks.
+
+Every gradient is taken in fp32 on exactly what the models see at test time: the centre
+crop of a face as floats in [0, 1] (the models normalise inside), so maps are in pixels of
+the crop. Models are switched to eval mode and their weights frozen while they are probed,
+so batched images never influence each other and no weight gradients are computed.
+"""
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from .infer import center_crop
+from .errors import FerPipeError
+from .infer import to_float
+from .params import PARAMS_FILE
+
+GREY = 0.5  # what "greyed out" pixels and the ascent's decay move towards
+
+
+@contextlib.contextmanager
+def probing(model):
+    """Eval mode, frozen weights (gradients reach the input only); restored afterwards."""
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def device_of(model):
+    return next(model.parameters()).device
+
+
+def model_input(images, crop, device):
+    """(N, 48, 48) uint8 faces -> (N, 1, crop, crop) fp32 in [0, 1], as at test time."""
+    return center_crop(to_float(images, device), crop).contiguous()
+
+
+def conv_layers(model):
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def resolve_layer(model, name, key):
+    """The module called `name`; an unknown name is an error naming the params `key`."""
+    modules = dict(model.named_modules())
+    if not name or name not in modules:
+        raise FerPipeError(f"{PARAMS_FILE}: {key}: model has no layer {name!r} (conv layers: "
+                           f"{', '.join(conv_layers(model)) or 'none'})")
+    return modules[name]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted layer has run."""
+
+
+def layer_outputs(model, modules, x, stop=True):
+    """Outputs of `modules` for input x; with stop, the pass ends after the last of them."""
+    store, hooks = {}, []
+    for i, m in enumerate(modules):
+        def hook(mod, inp, out, i=i):
+            store[i] = out
+            if stop and len(store) == len(modules):
+                raise _Stop
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return [store.get(i) for i in range(len(modules))]
+
+
+def feature_layers(model, names, keys, crop):
+    """Resolve layer names (keys: the params key of each, for messages) and check that
+    each yields (N, C, H, W) feature maps. Returns [(name, module, channels)]."""
+    modules = [resolve_layer(model, n, k) for n, k in zip(names, keys)]
+    with torch.no_grad(), probing(model):
+        outs = layer_outputs(model, modules, torch.zeros(1, 1, crop, crop, device=device_of(model)),
+                             stop=False)
+    found = []
+    for name, key, module, out in zip(names, keys, modules, outs):
+        if not torch.is_tensor(out) or out.dim() != 4:
+            shape = "never run" if out is None else f"output {tuple(getattr(out, 'shape', ()))}"
+            raise FerPipeError(f"{PARAMS_FILE}: {key}: layer {name!r} gives no feature maps "
+                               f"({shape}); use a convolutional layer (conv layers: "
+                               f"{', '.join(conv_layers(model))})")
+        found.append((name, module, out.shape[1]))
+    return found
