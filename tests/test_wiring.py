@@ -4,6 +4,7 @@ script names, and its `params` exactly the sections it reads. A stale or missing
 fails with the stage and the file named."""
 import ast
 import importlib.util
+import re
 import sys
 
 import pytest
@@ -94,10 +95,10 @@ def params_read(script):
     return sections
 
 
-def describe(label, missing, stale):
+def describe(label, missing, stale, where="dvc.yaml"):
     lines = [f"{label}:"]
-    lines += [f"  missing from dvc.yaml: {p}" for p in sorted(missing)]
-    lines += [f"  listed in dvc.yaml but not used: {p}" for p in sorted(stale)]
+    lines += [f"  missing from {where}: {p}" for p in sorted(missing)]
+    lines += [f"  listed in {where} but not there: {p}" for p in sorted(stale)]
     return "\n".join(lines)
 
 
@@ -146,3 +147,13 @@ def test_the_checker_sees_a_missing_import():
     assert {"src/ferpipe/evaluation.py", "src/ferpipe/infer.py", "src/ferpipe/plots.py",
             "src/ferpipe/runtime.py", "src/ferpipe/errors.py"} <= closure
     assert "src/ferpipe/train.py" not in closure
+
+
+def test_readme_layout_names_every_library_module():
+    """README's "How the code is laid out" lists each module of src/ferpipe, and no other."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## How the code is laid out", 1)[1].split("```")[1]
+    listed = set(re.findall(r"^  (\w+)\.py\b", block, re.M))
+    present = {p.stem for p in LIBRARY.glob("*.py")} - {"__init__"}
+    assert listed == present, describe("README layout", present - listed, listed - present,
+                                        "README.md")

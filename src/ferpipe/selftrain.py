@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from . import EMOTIONS, NUM_CLASSES, infer, runtime, train
+from . import EMOTIONS, NUM_CLASSES, infer, paths, runtime, train
 from .errors import FerPipeError
 from .params import boolean, choice, integer, number
 
@@ -309,7 +309,7 @@ def _fmt(acc):
     return "n/a" if acc is None else f"{acc:.4f}"
 
 
-def run(new_model, splits, training, st, rt, resume_prefix=None, source="data/splits.npz"):
+def run(new_model, splits, training, st, rt, resume_prefix=None, source=paths.SPLITS):
     """Hide labels in the training split, assemble the pool, run `self_train`. `source`
     names the splits file in messages."""
     for key in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
