@@ -1,12 +1,13 @@
 """Stage prepare: read the raw FER2013 data in whichever form it comes, validate every row
-and image, and write one compact array file plus counts and a class-distribution chart."""
-from ferpipe import data, params, paths, plots
+and image, find duplicate faces, and write one compact array file (with each face's
+duplicate group) plus counts, a class-distribution chart and a figure of duplicate groups."""
+from ferpipe import data, duplicates, files, params, paths, plots
 from ferpipe.errors import run_stage
-from ferpipe.files import save_figure, save_npz, write_json
 
 OUT_DATA = paths.PREPARED
 OUT_METRICS = paths.DATA_METRICS
 OUT_PLOT = paths.CLASS_DISTRIBUTION
+OUT_DUPLICATES_PLOT = paths.DUPLICATES_FIGURE
 
 
 def main():
@@ -15,9 +16,17 @@ def main():
     print(f"prepare: {report['faces']} faces from {report['form']} ({', '.join(report['files'])}); "
           f"{report['skipped']} skipped, {report['converted_rgb']} converted from colour, "
           f"{report['resized']} resized", flush=True)
-    save_npz(OUT_DATA, **arrays)
-    write_json(OUT_METRICS, report)
-    save_figure(OUT_PLOT, plots.class_distribution(report["counts"]))
+    arrays, group, report["duplicates"], rows = duplicates.study(arrays, p["near_duplicates"],
+                                                                 p["dedupe"])
+    if p["dedupe"] == "drop_from_train":
+        # faces and counts describe the file written, the duplicate counts the data as read.
+        report["faces"], report["counts"] = int(len(arrays["labels"])), data.count_by_usage(arrays)
+    print(duplicates.summary(report["duplicates"]), flush=True)
+    files.save_npz(OUT_DATA, **arrays, group=group)
+    files.write_outputs({
+        OUT_METRICS: report, OUT_PLOT: plots.class_distribution(report["counts"]),
+        OUT_DUPLICATES_PLOT: (plots.face_rows(rows, "Duplicate faces: example groups") if rows
+                              else plots.message("No duplicate faces found"))})
 
 
 if __name__ == "__main__":

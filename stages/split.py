@@ -1,5 +1,7 @@
-"""Stage split: a stratified, seeded validation set carved from Training; PublicTest is the
-test set, PrivateTest (when present) a second one, unlabelled faces are kept for predict."""
+"""Stage split: a stratified, seeded validation set carved from Training, each group of
+duplicate faces wholly on one side; PublicTest is the test set, PrivateTest (when present) a
+second one, unlabelled faces are kept for predict. Test faces with a copy in Training are
+marked (test_seen, private_seen) so their share of a test score can be told apart."""
 from ferpipe import data, params, paths
 from ferpipe.errors import run_stage
 from ferpipe.files import save_npz, write_json
@@ -13,7 +15,12 @@ def main():
     p = params.load({"split": data.SPLIT_SCHEMA})["split"]
     splits = data.split(data.load_prepared(IN_DATA), p["val_fraction"], p["seed"], IN_DATA)
     counts = data.split_counts(splits)
-    print("split: " + ", ".join(f"{k} {v['total']}" for k, v in counts.items()), flush=True)
+    for name in ("test", "private"):
+        counts[name]["seen_in_training"] = int(splits[f"{name}_seen"].sum())
+    print("split: " + ", ".join(f"{k} {v['total']}" for k, v in counts.items())
+          + f"; test faces with a copy in Training: {counts['test']['seen_in_training']}"
+          + (f", private {counts['private']['seen_in_training']}" if counts["private"]["total"]
+             else ""), flush=True)
     save_npz(OUT_SPLITS, **splits)
     write_json(OUT_METRICS, counts)
 

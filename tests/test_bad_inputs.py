@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ferpipe import EMOTIONS, data, files, synthetic
+from ferpipe import EMOTIONS, data, duplicates, files, synthetic
 
 # 1 face per class for Training and for PublicTest: 14 rows, fast to write and parse.
 TRAIN = synthetic.make_faces(1, seed=0)
@@ -25,7 +25,8 @@ TEST = synthetic.make_faces(1, seed=1)
 OLD = 1_000_000_000  # the mtime given to planted outputs, in seconds
 
 OUTPUTS = {
-    "prepare": ["data/prepared/faces.npz", "metrics/data.json", "plots/class_distribution.png"],
+    "prepare": ["data/prepared/faces.npz", "metrics/data.json", "plots/class_distribution.png",
+                "plots/duplicates.png"],
     "split": ["data/splits.npz", "metrics/split.json"],
     "train_cnn": ["models/cnn.pt", "metrics/train_cnn.json", "plots/train_cnn.csv",
                   "plots/cnn_summary.txt", "checkpoints/cnn.resume.pt"],
@@ -163,6 +164,7 @@ def prepared(edit=None):
             synthetic.write_fer2013_csv(Path(folder) / "fer2013.csv",
                                         {"Training": TRAIN, "PublicTest": TEST})
             arrays, _ = data.read_raw(folder)
+        arrays["group"] = duplicates.find_groups(arrays["images"])[0]
         target = ws.path / "data/prepared/faces.npz"
         if edit is None:
             files.save_npz(target, **arrays)
@@ -393,6 +395,12 @@ CASES = [
     pytest.param("prepare", with_params({"prepare": {"max_image_pixels": 100}}),
                  ["params.yaml: prepare.max_image_pixels: must be an integer in [2304, inf], "
                   "got 100"], id="params-pixel-limit-too-small"),
+    pytest.param("prepare", with_params({"prepare": {"near_duplicates": 17}}),
+                 ["params.yaml: prepare.near_duplicates: must be an integer in [-1, 16], got 17"],
+                 id="params-near-duplicates-too-far"),
+    pytest.param("prepare", with_params({"prepare": {"dedupe": "drop"}}),
+                 ["params.yaml: prepare.dedupe: must be one of report, drop_from_train, got 'drop'"],
+                 id="params-unknown-dedupe"),
     pytest.param("prepare", with_params({"prepare": {"raw": "data/nowhere"}}),
                  ["no FER2013 data at data/nowhere/ (params.yaml: prepare.raw)"], id="params-raw-missing"),
     pytest.param("split", with_params({"split": {"seed": "forty-two"}}),
@@ -438,6 +446,9 @@ CASES = [
                  id="split-input-corrupt"),
     pytest.param("split", prepared(lambda arrays: {k: v for k, v in arrays.items() if k != "labels"}),
                  ["data/prepared/faces.npz: has no 'labels' array"], id="split-input-no-labels"),
+    pytest.param("split", prepared(lambda arrays: {k: v for k, v in arrays.items() if k != "group"}),
+                 ["data/prepared/faces.npz: has no 'group' array: it was written before prepare "
+                  "looked for duplicate faces; run prepare again"], id="split-input-before-groups"),
     pytest.param("split", prepared(lambda arrays: {**arrays, "labels": arrays["labels"] + 10}),
                  ["data/prepared/faces.npz: 'labels' holds values outside -1..6"],
                  id="split-input-bad-labels"),

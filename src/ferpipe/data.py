@@ -35,6 +35,10 @@ PREPARE_SCHEMA = {
     "raw": string(),
     "on_error": choice("stop", "skip"),
     "max_image_pixels": integer(lo=PIXELS),
+    # Hamming distance, in bits of a 64-bit perceptual hash, at which two faces count as
+    # near duplicates; -1 = exact duplicates only (ferpipe.duplicates, docs/duplicates.md).
+    "near_duplicates": integer(lo=-1, hi=16),
+    "dedupe": choice("report", "drop_from_train"),
 }
 SPLIT_SCHEMA = {
     "val_fraction": number(lo=0.0, hi=0.5, lo_open=True),
@@ -472,29 +476,48 @@ def load_prepared(path):
         values = arrays[key]
         if values.dtype.kind not in "iu" or (n and (values.min() < lo or values.max() > hi)):
             raise bad(f"'{key}' holds values outside {lo}..{hi}")
+    if "group" not in arrays:
+        raise FerPipeError(f"{path}: has no 'group' array: it was written before prepare looked "
+                           "for duplicate faces; run prepare again (dvc repro prepare)")
+    group = arrays["group"]
+    if group.shape != (n,) or group.dtype.kind not in "iu" or (n and (group.min() < 0
+                                                                     or group.max() >= n)):
+        raise bad(f"'group' is {group.dtype} of shape {group.shape}, expected integers "
+                  f"0..{n - 1} of shape ({n},)")
     return arrays
 
 
 def split(arrays, val_fraction, seed, source=None):
     """Stratified, seeded validation split carved from Training; the test sets stay as they are.
-    `source` names the file the arrays came from, for error messages."""
+    Faces of one duplicate group (`arrays["group"]`, from prepare) all go to the same side, so
+    validation never scores a face training saw; arrays without groups count every face
+    distinct. `source` names the file the arrays came from, for error messages."""
     from sklearn.model_selection import train_test_split
 
+    from . import duplicates
+
     usage, labels = arrays["usage"], arrays["labels"]
+    group = arrays["group"] if "group" in arrays else np.arange(len(labels))
     train_idx = np.flatnonzero(usage == USAGES.index("Training"))
-    if train_idx.size < 2 * len(EMOTIONS):
-        raise FerPipeError(f"{source or 'the prepared data'}: only {train_idx.size} Training faces: "
-                           f"too few to carve a validation set (need at least {2 * len(EMOTIONS)})")
-    counts = np.bincount(labels[train_idx], minlength=len(EMOTIONS))
+    # The carve draws groups, each by its first Training face; without duplicates these are
+    # the Training faces themselves, and the split is what it was before groups existed.
+    units = duplicates.group_representatives(group, train_idx)
+    if units.size < 2 * len(EMOTIONS):
+        distinct = f" ({units.size} distinct)" if units.size < train_idx.size else ""
+        raise FerPipeError(f"{source or 'the prepared data'}: only {train_idx.size} Training faces"
+                           f"{distinct}: too few to carve a validation set (need at least "
+                           f"{2 * len(EMOTIONS)})")
+    counts = np.bincount(labels[units], minlength=len(EMOTIONS))
     # Stratify only when every class can give a face to both sides, and both sides (sized
     # as train_test_split sizes them) have room for one face of every class.
-    n_val = math.ceil(val_fraction * train_idx.size)
+    n_val = math.ceil(val_fraction * units.size)
     n_classes = int((counts > 0).sum())
-    stratify = (labels[train_idx] if counts[counts > 0].min() >= 2
-                and min(n_val, train_idx.size - n_val) >= n_classes else None)
-    tr, va = train_test_split(train_idx, test_size=val_fraction, random_state=seed,
-                              shuffle=True, stratify=stratify)
-    parts = {"train": np.sort(tr), "val": np.sort(va)}
+    stratify = (labels[units] if counts[counts > 0].min() >= 2
+                and min(n_val, units.size - n_val) >= n_classes else None)
+    _, va = train_test_split(units, test_size=val_fraction, random_state=seed,
+                             shuffle=True, stratify=stratify)
+    val_idx = duplicates.members_of(group, train_idx, va)
+    parts = {"train": np.setdiff1d(train_idx, val_idx), "val": val_idx}
     for name, usage_name in (("test", "PublicTest"), ("private", "PrivateTest"),
                              ("unlabelled", "Unlabelled")):
         parts[name] = np.flatnonzero(usage == USAGES.index(usage_name))
@@ -503,6 +526,10 @@ def split(arrays, val_fraction, seed, source=None):
         out[f"{name}_x"] = arrays["images"][idx]
         out[f"{name}_y"] = arrays["labels"][idx]
         out[f"{name}_ids"] = arrays["ids"][idx]
+    # Test faces with a copy anywhere in Training (train or validation part), so evaluate
+    # can also score the test faces the network cannot have seen.
+    for name, key in duplicates.SEEN.items():
+        out[key] = duplicates.seen_in(group, parts[name], train_idx)
     return out
 
 

@@ -3,7 +3,7 @@ every labelled split, the TTA sweep on validation, and the CNN-versus-DNN compar
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from . import EMOTIONS, infer, plots
+from . import EMOTIONS, duplicates, infer, plots
 from .params import choice, integer, list_of
 
 SCHEMA = {
@@ -89,6 +89,8 @@ def evaluate_model(kind, model, crop, splits, tta, settings, rt):
         s = score(y, probs)
         summary[name] = {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"],
                          "single_crop_accuracy": score(y, single)["accuracy"], "tta": tta}
+        if name in duplicates.SEEN:
+            summary[name].update(leak_free(y, probs, single, duplicates.unseen(splits, name)))
         per_class[name] = s["per_class"]
         confusion[name] = confusion_rows(y, probs.argmax(1))
         figures[name] = plots.confusion_heatmap(
@@ -100,11 +102,26 @@ def evaluate_model(kind, model, crop, splits, tta, settings, rt):
             summary["most_confused"] = most_confused(s["confusion"])
             figures["misclassified"] = misclassified_figure(
                 kind, x, y, probs, settings["misclassified"], settings["seed"])
+        leak = (f"; {summary[name]['unseen_accuracy']:.4f} on the "
+                f"{summary[name]['unseen_faces']} faces with no copy in Training"
+                if "unseen_accuracy" in summary[name] else "")
         print(f"evaluate: {kind} {name}: accuracy {s['accuracy']:.4f} "
               f"(single crop {summary[name]['single_crop_accuracy']:.4f}), "
-              f"macro-F1 {s['macro_f1']:.4f}", flush=True)
+              f"macro-F1 {s['macro_f1']:.4f}{leak}", flush=True)
     return {"summary": summary, "per_class": per_class, "confusion": confusion,
             "figures": figures}
+
+
+def leak_free(y, probs, single, unseen):
+    """Accuracy on the test faces with no copy in Training, beside the whole split's: how
+    much the faces training saw add to the score."""
+    out = {"unseen_faces": int(unseen.sum()), "seen_faces": int((~unseen).sum())}
+    if unseen.any():
+        out["unseen_accuracy"] = score(y[unseen], probs[unseen])["accuracy"]
+        out["unseen_single_crop_accuracy"] = score(y[unseen], single[unseen])["accuracy"]
+    if (~unseen).any():
+        out["seen_accuracy"] = score(y[~unseen], probs[~unseen])["accuracy"]
+    return out
 
 
 def comparison(summary):

@@ -9,6 +9,7 @@ EVAL_SPLITS = ("val", "test", "private")
 PREPARED = "data/prepared/faces.npz"
 DATA_METRICS = "metrics/data.json"
 CLASS_DISTRIBUTION = "plots/class_distribution.png"
+DUPLICATES_FIGURE = "plots/duplicates.png"
 
 SPLITS = "data/splits.npz"
 SPLIT_METRICS = "metrics/split.json"

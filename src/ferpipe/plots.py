@@ -72,6 +72,27 @@ def face_grid(images, captions, title, cols=8):
     return fig
 
 
+def face_rows(rows, title):
+    """One row of faces per entry of rows, [(row title, images, captions)]: groups of copies
+    side by side (duplicates.example_groups)."""
+    cols = max(len(images) for _, images, _ in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(max(cols, 4) * 1.3, len(rows) * 2.0),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (row_title, images, captions) in enumerate(rows):
+        for ax, img, cap in zip(axes[r], images, captions):
+            ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(cap, fontsize=6)
+        # The row's title sits above its first face, left-aligned across the row.
+        axes[r, 0].text(0, 1.45, row_title, transform=axes[r, 0].transAxes, fontsize=8,
+                        ha="left", va="bottom", fontweight="bold")
+    # Room above the first row for its title; the figure's title goes above that.
+    fig.subplots_adjust(hspace=1.1, top=1 - 0.75 / (len(rows) * 2.0))
+    fig.suptitle(title, y=1.0, va="bottom")
+    return fig
+
+
 def message(text):
     """A figure that says why there is nothing to draw, in place of one that would be empty."""
     fig, ax = plt.subplots(figsize=(5, 2))
