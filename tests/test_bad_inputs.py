@@ -190,11 +190,19 @@ def jpeg(i=0, size=None, mode="L"):
     return buf.getvalue()
 
 
-def png_bytes():
+def png_bytes(mode="L"):
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(TRAIN[0][0], mode="L").save(buf, format="PNG")
+    Image.fromarray(TRAIN[0][0], mode="L").convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def gif_bytes():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(TRAIN[0][0], mode="L").save(buf, format="GIF")
     return buf.getvalue()
 
 
@@ -330,11 +338,14 @@ CASES = [
     pytest.param("prepare", image_zip(lambda e: add(e, ENTRY, jpeg()[:len(jpeg()) * 2 // 3])),
                  [ZIP + f": entry '{ENTRY}': cannot be decoded", "truncated"], id="jpeg-truncated"),
     pytest.param("prepare", image_zip(lambda e: add(e, ENTRY, b"this is not a picture\n")),
-                 [ZIP + f": entry '{ENTRY}': cannot be decoded as an image (not a JPEG?)"],
+                 [ZIP + f": entry '{ENTRY}': cannot be decoded as an image (not a JPEG, PNG or BMP?)"],
                  id="jpeg-text-file"),
-    pytest.param("prepare", image_zip(lambda e: add(e, "train/happy/Training_x.png", png_bytes())),
-                 [ZIP + ": entry 'train/happy/Training_x.png': is a PNG image, expected a JPEG"],
-                 id="png-image"),
+    pytest.param("prepare", image_zip(lambda e: add(e, "train/happy/Training_x.png", gif_bytes())),
+                 [ZIP + ": entry 'train/happy/Training_x.png': is a GIF image, expected a JPEG, "
+                        "PNG or BMP"], id="gif-image"),
+    pytest.param("prepare", image_zip(lambda e: add(e, "train/happy/Training_x.png", png_bytes("I;16"))),
+                 [ZIP + ": entry 'train/happy/Training_x.png': is a I;16 (16- or 32-bit) image"],
+                 id="png-16-bit"),
     pytest.param("prepare", image_zip(lambda e: add(e, "train/cheerful/Training_x.jpg", jpeg())),
                  [ZIP + ": entry 'train/cheerful/Training_x.jpg': unknown emotion folder "
                         "'cheerful' (expected one of angry, disgust"], id="unknown-emotion-folder"),
@@ -342,7 +353,7 @@ CASES = [
                  [ZIP + ": entry 'faces/happy/x.jpg': cannot tell the usage", "'faces'"],
                  id="unknown-top-folder"),
     pytest.param("prepare", image_zip(lambda e: {}),
-                 [ZIP + ": no usable faces found (form image_zip): it holds no faces"],
+                 [ZIP + ": found no data in a form I know. It holds:\n  - nothing"],
                  id="empty-archive"),
     pytest.param("prepare", image_zip(lambda e: add(e, "../x.jpg", jpeg())),
                  [ZIP + ": entry '../x.jpg': the path escapes the archive's folder"],
@@ -369,7 +380,7 @@ CASES = [
     pytest.param("prepare", lambda ws: (raw(ws) / "faces.zip").write_text("not a zip\n"),
                  [ZIP + ": not a readable zip archive"], id="zip-not-a-zip"),
     pytest.param("prepare", lambda ws: [write_zip(raw(ws) / n, zip_entries()) for n in ("a.zip", "b.zip")],
-                 [RAW + ": holds 2 zip archives (a.zip, b.zip); keep exactly one"],
+                 [RAW + ": holds 2 archives (a.zip, b.zip); keep exactly one"],
                  id="two-archives"),
     pytest.param("prepare", image_folder(lambda e: add(e, ENTRY, b"")),
                  [f"data/raw/{ENTRY}: image: the file is empty (0 bytes)"],
