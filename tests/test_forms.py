@@ -145,6 +145,13 @@ def test_competition_files_are_told_apart_by_header_not_name(tmp_path):
     assert data.read_raw(course)[1]["form"] == "course_csv"
 
 
+def test_naming_an_unlabelled_test_file_alone_says_so(tmp_path):
+    write_tree(tmp_path, FORMS["kaggle_csv"]())
+    with pytest.raises(FerPipeError, match=r"test.csv: holds only unlabelled faces \(header "
+                                           r"'pixels'\); set prepare.raw to the folder"):
+        data.read_raw(tmp_path / "test.csv")
+
+
 @pytest.mark.parametrize("name", ["icml_face_data.csv", "faces.csv"])
 def test_icml_face_data_csv_in_its_column_order_with_spaces(tmp_path, name):
     (tmp_path / name).write_bytes(FORMS["icml_csv"]()["icml_face_data.csv"])
@@ -345,7 +352,8 @@ def test_unrecognised_form_lists_what_was_found_and_the_accepted_forms(tmp_path)
 
 def test_an_archive_inside_an_archive_is_named_not_opened(tmp_path):
     write_tar(tmp_path / "fer2013.tar.gz", kaggle_tar_gz_files())
-    write_zip(tmp_path / "raw/download.zip", {"fer2013.tar.gz": (tmp_path / "fer2013.tar.gz").read_bytes()})
+    write_zip(tmp_path / "raw/download.zip",
+              {"fer2013.tar.gz": (tmp_path / "fer2013.tar.gz").read_bytes()})
     with pytest.raises(FerPipeError) as err:
         data.read_raw(tmp_path / "raw")
     msg = str(err.value)

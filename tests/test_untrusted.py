@@ -280,6 +280,19 @@ def test_tar_entries_that_escape_or_link_are_refused(tmp_path):
     assert problems["entry 'train/sad/Training_fifo.jpg'"].startswith("is not a regular file")
 
 
+def test_a_link_inside_a_zip_is_refused(tmp_path):
+    path = tmp_path / "faces.zip"
+    synthetic.write_image_zip(path, {"Training": synthetic.make_faces(1, 0)})
+    with zipfile.ZipFile(path, "a") as zf:
+        info = zipfile.ZipInfo("train/happy/Training_link.jpg")
+        info.create_system, info.external_attr = 3, (0o120777 << 16)  # a unix symlink
+        zf.writestr(info, "/etc/passwd")
+    _, report = data.read_raw(path, on_error="skip")
+    assert report["faces"] == 7 and report["skipped_rows"] == [{
+        "file": str(path), "place": "entry 'train/happy/Training_link.jpg'",
+        "problem": "is a symbolic link; links in archives are not followed"}]
+
+
 def test_reading_a_tar_writes_nothing_to_disk(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("tar entries must be read in memory, never extracted")

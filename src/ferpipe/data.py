@@ -8,8 +8,9 @@ Forms accepted (all give 48x48 uint8 faces and labels 0..6; see ACCEPTED_FORMS):
   * the Kaggle image layout, `train|test/<emotion>/<Usage>_<n>.jpg` (or .png, .bmp).
 Each may be a folder (the CSVs also one level down, as `fer2013.tar.gz` extracts), or one
 archive (.zip, .tar, .tar.gz, .tgz), given itself or alone in the raw folder. CSVs are told
-apart by their headers; a file named fer2013.csv, train.csv or test.csv whose header fits
-no form is read as that name's form, so the error says which column is missing.
+apart by their headers, except that fer2013.csv and icml_face_data.csv are always read as
+the first form, and a train.csv or test.csv whose header fits no form as the course's: a
+broken header then gets "missing column 'Usage'", not "no form I know".
 Archives are read in memory under limits, junk that other systems add is skipped: see
 sources.py. Every problem is reported as (file, place, problem); with on_error="stop" any
 problem stops the stage, with on_error="skip" the row is dropped and listed.
@@ -75,8 +76,8 @@ class Problems:
 
 
 class Faces:
-    """Accumulates validated faces; arrays come out of `arrays()`. The counters record what
-    was accepted only after a conversion, for metrics/data.json."""
+    """Accumulates validated faces; arrays come out of `arrays()`. The counters (conversions,
+    files passed over) go into metrics/data.json."""
 
     def __init__(self):
         self.images, self.labels, self.usage, self.ids = [], [], [], []
@@ -174,8 +175,10 @@ class _Lines:
     """Feeds csv.reader one line at a time and keeps the raw text of the current row, so
     its quoted fields can be counted (the reader unquotes without telling)."""
 
-    def __init__(self, text):
-        self._lines = io.StringIO(text, newline="")
+    def __init__(self, blob):
+        # Decoded as it is read (newline="": line ends kept, as csv wants): a StringIO of the
+        # whole text would hold 4 bytes a character, over 1 GB for fer2013.csv.
+        self._lines = io.TextIOWrapper(io.BytesIO(blob), encoding="utf-8-sig", newline="")
         self.raw = []
 
     def __iter__(self):
@@ -212,14 +215,16 @@ def _count_quotes(lines, faces):
 def _open_csv(src, required, faces):
     """Return (reader, lines, column index map, field count) for a CSV that must hold the
     `required` columns."""
+    blob = src.read()
     try:
-        text = src.read().decode("utf-8-sig")  # a BOM is harmless: drop it
-    except UnicodeDecodeError as err:
+        text = blob.decode("utf-8-sig")  # a BOM is harmless: drop it
+    except UnicodeDecodeError as err:  # decoded whole here, to say where the bad byte is
         raise FerPipeError(f"{src}: not UTF-8 text (byte {err.start}); is this a CSV file?") from None
-    if not text.strip():
+    if not text or text.isspace():
         raise FerPipeError(f"{src}: the file is empty; expected a header line "
                            f"'{','.join(required)}' and data rows")
-    lines = _Lines(text)
+    del text
+    lines = _Lines(blob)
     reader = csv.reader(lines)
     try:
         header = [_clean(h, faces) for h in next(reader)]
@@ -596,13 +601,12 @@ def detect_form(raw, limits, stack):
         return _in_archive(archive, [archive])
     if raw.is_file():
         # One CSV named by the user: its form, and test.csv beside it for a training file.
-        others = ["test.csv"] if raw.name != "test.csv" and (
-            (raw.parent / "test.csv").exists() or (raw.parent / "test.csv").is_symlink()) else []
-        folder = sources.FolderSource(raw.parent, only=[raw.name] + others, trusted=raw.name)
-        entry = next((e for e in folder.entries if e.name == raw.name), None)
-        if entry is None:  # not a regular file, or unreadable: the refusal says which
+        folder = sources.FolderSource(raw.parent, only=[raw.name], trusted=raw.name)
+        if not folder.entries:  # not a regular file, or unreadable: the refusal says which
             raise FerPipeError("{}: {}: {}".format(*folder.refused[0]))
-        kind = csv_kind(entry.path, folder.head(entry)) or "fer2013"  # the reader says what is wrong
+        entry = folder.entries[0]
+        # A header that fits no form: read as fer2013.csv, whose reader says what is missing.
+        kind = csv_kind(entry.path, folder.head(entry)) or "fer2013"
         if CSV_KINDS[kind][1] is None:
             raise FerPipeError(f"{raw}: holds only unlabelled faces (header "
                                f"{','.join(csv_header(folder.head(entry)))!r}); set prepare.raw "
@@ -610,8 +614,9 @@ def detect_form(raw, limits, stack):
         form = next(f for f, k in CSV_FORMS.items() if k[0] == kind)
         parts = [entry]
         if form != "fer2013_csv":
-            test = [e for e in folder.entries if e is not entry]
-            parts.append(test[0] if test else None)
+            beside = raw.parent / "test.csv"
+            parts.append(folder.include("test.csv") if raw.name.lower() != "test.csv" and (
+                beside.exists() or beside.is_symlink()) else None)
         return Found(form, folder, parts, [folder])
     folder = sources.FolderSource(raw)
     found = _csv_form(folder)

@@ -149,6 +149,13 @@ class FolderSource(Source):
     def locate(self, entry):
         return str(self.shown / entry.name), None
 
+    def include(self, name):
+        """Add the file `name` directly in root (under the link rule); return its entry, or
+        None if it was refused."""
+        before = len(self.entries)
+        self._add(self.root / name, name)
+        return self.entries[-1] if len(self.entries) > before else None
+
     def _walk(self):
         for folder, dirs, names in os.walk(self.root, followlinks=False):
             here = Path(folder)
@@ -176,7 +183,7 @@ class FolderSource(Source):
             self.refused.append((str(shown), "symbolic link", (
                 f"points to {os.readlink(path)}, outside {self.shown}; refused, since a link "
                 f"could make prepare read any file on this machine: copy the file into "
-                f"{self.shown} instead")))
+                f"{self.shown} instead (make data copies the shared FER2013 archive)")))
             return False
         if target.is_dir():
             self.refused.append((str(shown), "symbolic link", "points to a folder; links to "
@@ -238,6 +245,11 @@ def _zip_claimed_entries(path):
         return count
 
 
+# bad CRC, encrypted, unknown compression method, cut short
+_ZIP_ERRORS = (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError,
+               ValueError, zlib.error)
+
+
 class ZipSource(Source):
     kind = "zip"
 
@@ -286,15 +298,14 @@ class ZipSource(Source):
     def read_head(self, entry):
         try:
             return self._read(entry, HEAD_BYTES)
-        except Exception:  # noqa: BLE001 - read() names the problem when it matters
+        except _ZIP_ERRORS:  # reading the whole entry later names the problem
             return b""
 
     def read(self, entries):
         for e in entries:
             try:
                 yield e, self._read(e), None
-            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError,
-                    ValueError, zlib.error) as err:  # bad CRC, encrypted, unknown method, cut short
+            except _ZIP_ERRORS as err:
                 yield e, None, f"cannot be read from the archive: {err}"
 
 
