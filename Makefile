@@ -26,11 +26,16 @@ test-fast: install
 demo: install
 	$(PY) -m ferpipe.demo
 
-# Link the shared FER2013 archive into data/raw/ when it is there and nothing else is.
+# Copy the shared FER2013 archive into data/raw/ when it is there and nothing else is. A copy,
+# not a symbolic link: prepare refuses links that point out of the raw folder. An older
+# checkout's link to it is replaced by a copy.
+SHARED_NAME := $(notdir $(SHARED_ZIP))
 data:
 	mkdir -p data/raw
-	@if [ -z "$$(ls -A data/raw)" ] && [ -f $(SHARED_ZIP) ]; then \
-		ln -s ../../$(SHARED_ZIP) data/raw/ && echo "linked $(SHARED_ZIP) into data/raw/"; fi
+	@if [ -L data/raw/$(SHARED_NAME) ] && [ -f $(SHARED_ZIP) ]; then \
+		cp --remove-destination $(SHARED_ZIP) data/raw/ && echo "replaced the link data/raw/$(SHARED_NAME) by a copy"; \
+	elif [ -z "$$(ls -A data/raw)" ] && [ -f $(SHARED_ZIP) ]; then \
+		cp $(SHARED_ZIP) data/raw/ && echo "copied $(SHARED_ZIP) into data/raw/"; fi
 
 run: install data
 	dvc repro

@@ -12,10 +12,13 @@ OUT_DUPLICATES_PLOT = paths.DUPLICATES_FIGURE
 
 def main():
     p = params.load({"prepare": data.PREPARE_SCHEMA})["prepare"]
-    arrays, report = data.read_raw(p["raw"], p["on_error"], p["max_image_pixels"])
+    arrays, report = data.read_raw(p["raw"], p["on_error"], p["max_image_pixels"],
+                                   p["max_archive_bytes"], p["max_archive_entries"])
     print(f"prepare: {report['faces']} faces from {report['form']} ({', '.join(report['files'])}); "
           f"{report['skipped']} skipped, {report['converted_rgb']} converted from colour, "
-          f"{report['resized']} resized", flush=True)
+          f"{report['resized']} resized; {report['junk_skipped']} junk files skipped, "
+          f"{report['float_labels']} float labels, {report['whitespace_stripped']} fields "
+          f"stripped of whitespace, {report['quoted_fields']} quoted", flush=True)
     arrays, group, report["duplicates"], rows = duplicates.study(arrays, p["near_duplicates"],
                                                                  p["dedupe"])
     if p["dedupe"] == "drop_from_train":

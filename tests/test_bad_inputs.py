@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -192,11 +193,19 @@ def jpeg(i=0, size=None, mode="L"):
     return buf.getvalue()
 
 
-def png_bytes():
+def png_bytes(mode="L"):
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(TRAIN[0][0], mode="L").save(buf, format="PNG")
+    Image.fromarray(TRAIN[0][0], mode="L").convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def gif_bytes():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(TRAIN[0][0], mode="L").save(buf, format="GIF")
     return buf.getvalue()
 
 
@@ -230,10 +239,34 @@ def add(entries, name, blob):
     return {**entries, name: blob}
 
 
+def tar_gz(edit, cut=None):
+    """Kaggle's fer2013.tar.gz shape: the CSV in fer2013/, or (edited) other members."""
+    def build(ws):
+        files = edit({"fer2013/fer2013.csv": ("\n".join(fer_lines()) + "\n").encode()})
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            for name, blob in files.items():
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(blob), 0
+                tf.addfile(info, io.BytesIO(blob))
+        blob = buf.getvalue()
+        (raw(ws) / "fer2013.tar.gz").write_bytes(blob[:int(len(blob) * cut)] if cut else blob)
+    return build
+
+
+def linked_out(ws):
+    """data/raw/faces.zip, a link to an archive outside the raw folder."""
+    target = ws.path / "elsewhere/faces.zip"
+    target.parent.mkdir()
+    write_zip(target, zip_entries())
+    (raw(ws) / "faces.zip").symlink_to(target)
+
+
 ENTRY = "train/happy/Training_x.jpg"
 RAW = "data/raw"
 FER = "data/raw/fer2013.csv"
 ZIP = "data/raw/faces.zip"
+TAR = "data/raw/fer2013.tar.gz"
 
 
 # ---------------------------------------------------------------- the catalogue
@@ -332,11 +365,14 @@ CASES = [
     pytest.param("prepare", image_zip(lambda e: add(e, ENTRY, jpeg()[:len(jpeg()) * 2 // 3])),
                  [ZIP + f": entry '{ENTRY}': cannot be decoded", "truncated"], id="jpeg-truncated"),
     pytest.param("prepare", image_zip(lambda e: add(e, ENTRY, b"this is not a picture\n")),
-                 [ZIP + f": entry '{ENTRY}': cannot be decoded as an image (not a JPEG?)"],
+                 [ZIP + f": entry '{ENTRY}': cannot be decoded as an image (not a JPEG, PNG or BMP?)"],
                  id="jpeg-text-file"),
-    pytest.param("prepare", image_zip(lambda e: add(e, "train/happy/Training_x.png", png_bytes())),
-                 [ZIP + ": entry 'train/happy/Training_x.png': is a PNG image, expected a JPEG"],
-                 id="png-image"),
+    pytest.param("prepare", image_zip(lambda e: add(e, "train/happy/Training_x.png", gif_bytes())),
+                 [ZIP + ": entry 'train/happy/Training_x.png': is a GIF image, expected a JPEG, "
+                        "PNG or BMP"], id="gif-image"),
+    pytest.param("prepare", image_zip(lambda e: add(e, "train/happy/Training_x.png", png_bytes("I;16"))),
+                 [ZIP + ": entry 'train/happy/Training_x.png': is a I;16 (16- or 32-bit) image"],
+                 id="png-16-bit"),
     pytest.param("prepare", image_zip(lambda e: add(e, "train/cheerful/Training_x.jpg", jpeg())),
                  [ZIP + ": entry 'train/cheerful/Training_x.jpg': unknown emotion folder "
                         "'cheerful' (expected one of angry, disgust"], id="unknown-emotion-folder"),
@@ -344,7 +380,7 @@ CASES = [
                  [ZIP + ": entry 'faces/happy/x.jpg': cannot tell the usage", "'faces'"],
                  id="unknown-top-folder"),
     pytest.param("prepare", image_zip(lambda e: {}),
-                 [ZIP + ": no usable faces found (form image_zip): it holds no faces"],
+                 [ZIP + ": found no data in a form I know. It holds:\n  - nothing"],
                  id="empty-archive"),
     pytest.param("prepare", image_zip(lambda e: add(e, "../x.jpg", jpeg())),
                  [ZIP + ": entry '../x.jpg': the path escapes the archive's folder"],
@@ -371,8 +407,35 @@ CASES = [
     pytest.param("prepare", lambda ws: (raw(ws) / "faces.zip").write_text("not a zip\n"),
                  [ZIP + ": not a readable zip archive"], id="zip-not-a-zip"),
     pytest.param("prepare", lambda ws: [write_zip(raw(ws) / n, zip_entries()) for n in ("a.zip", "b.zip")],
-                 [RAW + ": holds 2 zip archives (a.zip, b.zip); keep exactly one"],
+                 [RAW + ": holds 2 archives (a.zip, b.zip); keep exactly one"],
                  id="two-archives"),
+    pytest.param("prepare", lambda ws: (raw(ws) / "faces.tar").write_text("not a tar\n" * 100),
+                 ["data/raw/faces.tar: not a readable tar archive: invalid header"],
+                 id="tar-not-a-tar"),
+    pytest.param("prepare", tar_gz(lambda files: files, cut=2 / 3),
+                 [TAR + ": not a readable tar archive", "end-of-stream"], id="tar-gz-cut-short"),
+    pytest.param("prepare", tar_gz(lambda files: add(files, "../x.jpg", jpeg())),
+                 [TAR + ": entry '../x.jpg': the path escapes the archive's folder"],
+                 id="tar-path-escapes"),
+    pytest.param("prepare", tar_gz(lambda files: {"fer2013/fer2013.csv": ("\n".join(
+                     lines[:2] + [set_field(lines[2], 0, "3.5")] + lines[3:]) + "\n").encode()
+                     for lines in [fer_lines()]}),
+                 [TAR + ": entry 'fer2013/fer2013.csv': line 3: label '3.5' is not an integer "
+                        "0..6"], id="tar-csv-bad-row"),
+    pytest.param("prepare", linked_out,
+                 [RAW + "/faces.zip: symbolic link: points to ", "outside data/raw; refused",
+                  "copy the file into data/raw instead"], id="symlink-out-of-raw"),
+    pytest.param("prepare", with_params({"prepare": {"max_archive_entries": 10}},
+                                        build_raw=image_zip(lambda e: e)),
+                 [ZIP + ": holds 14 entries or more, over the limit of 10 "
+                        "(prepare.max_archive_entries)"], id="archive-over-entry-limit"),
+    pytest.param("prepare", with_params({"prepare": {"max_archive_bytes": 1000}},
+                                        build_raw=image_zip(lambda e: e)),
+                 [ZIP + ": its headers claim", "over the limit of 1000 (prepare.max_archive_bytes)"],
+                 id="archive-over-size-limit"),
+    pytest.param("prepare", with_params({"prepare": {"max_archive_bytes": 0}}),
+                 ["params.yaml: prepare.max_archive_bytes: must be an integer in [1, inf], got 0"],
+                 id="params-archive-limit-zero"),
     pytest.param("prepare", image_folder(lambda e: add(e, ENTRY, b"")),
                  [f"data/raw/{ENTRY}: image: the file is empty (0 bytes)"],
                  id="folder-jpeg-zero-bytes"),

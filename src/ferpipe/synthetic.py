@@ -1,5 +1,5 @@
-"""A procedural stand-in for FER2013: cartoon faces with seven expressions, written in any
-of the three raw forms, so the demo and the tests need no real data.
+"""A procedural stand-in for FER2013: cartoon faces with seven expressions, written in the
+raw forms prepare accepts, so the demo and the tests need no real data.
 
 Each expression is a setting of mouth curve and opening, brow angle and height, and eye
 opening; every face also gets a random pose, size, brightness, contrast and noise, and its
@@ -118,25 +118,58 @@ def write_course_csv(folder, train, test_images):
             w.writerow([i, _pixels(img)])
 
 
+def write_kaggle_csv(folder, train, test_images):
+    """The Kaggle competition's train.csv (emotion,pixels) and unlabelled test.csv (pixels)."""
+    folder = Path(folder)
+    with open(folder / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["emotion", "pixels"])
+        for img, lab in zip(*train):
+            w.writerow([int(lab), _pixels(img)])
+    with open(folder / "test.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["pixels"])
+        for img in test_images:
+            w.writerow([_pixels(img)])
+
+
+def write_icml_csv(path, parts):
+    """The competition's icml_face_data.csv: fer2013.csv's columns in another order, the
+    header written with spaces after its commas ("emotion, Usage, pixels")."""
+    with open(path, "w", newline="") as f:
+        f.write("emotion, Usage, pixels\r\n")
+        w = csv.writer(f)
+        for usage, (images, labels) in parts.items():
+            for img, lab in zip(images, labels):
+                w.writerow([int(lab), usage, _pixels(img)])
+
+
 def jpeg_bytes(img, quality=95):
+    return image_bytes(img, "JPEG", quality=quality)
+
+
+def image_bytes(img, fmt, **options):
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(img, mode="L").save(buf, format="JPEG", quality=quality)
+    Image.fromarray(img, mode="L").save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
-def write_image_zip(path, parts):
-    """parts: {usage: (images, labels)} -> a Kaggle-layout zip of JPEGs."""
+def write_image_zip(path, parts, fmt="JPEG"):
+    """parts: {usage: (images, labels)} -> a Kaggle-layout zip of JPEGs (or PNGs, BMPs)."""
     top = {"Training": "train", "PublicTest": "test", "PrivateTest": "test"}
+    suffix = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp"}[fmt]
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
         for usage, (images, labels) in parts.items():
             for i, (img, lab) in enumerate(zip(images, labels)):
-                zf.writestr(f"{top[usage]}/{EMOTIONS[lab]}/{usage}_{i}.jpg", jpeg_bytes(img))
+                blob = jpeg_bytes(img) if fmt == "JPEG" else image_bytes(img, fmt)
+                zf.writestr(f"{top[usage]}/{EMOTIONS[lab]}/{usage}_{i}.{suffix}", blob)
 
 
 def write_dataset(out, form, train_per_class, test_per_class, seed):
-    """Write a synthetic data set in `form` (fer2013_csv | course_csv | image_zip) to folder `out`."""
+    """Write a synthetic data set in `form` (fer2013_csv | course_csv | kaggle_csv | image_zip)
+    to folder `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train = make_faces(train_per_class, seed)
@@ -145,6 +178,8 @@ def write_dataset(out, form, train_per_class, test_per_class, seed):
         write_fer2013_csv(out / "fer2013.csv", {"Training": train, "PublicTest": test})
     elif form == "course_csv":
         write_course_csv(out, train, test[0])
+    elif form == "kaggle_csv":
+        write_kaggle_csv(out, train, test[0])
     elif form == "image_zip":
         write_image_zip(out / "synthetic-faces.zip", {"Training": train, "PublicTest": test})
     else:
@@ -154,7 +189,8 @@ def write_dataset(out, form, train_per_class, test_per_class, seed):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder to write the raw data into")
-    ap.add_argument("--form", default="fer2013_csv", choices=("fer2013_csv", "course_csv", "image_zip"))
+    ap.add_argument("--form", default="fer2013_csv",
+                    choices=("fer2013_csv", "course_csv", "kaggle_csv", "image_zip"))
     ap.add_argument("--train-per-class", type=int, default=300)
     ap.add_argument("--test-per-class", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
