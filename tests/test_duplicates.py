@@ -293,3 +293,17 @@ def test_prepare_stage_without_duplicates_says_so_in_the_figure(workspace):
     d = json.loads((workspace.path / "metrics/data.json").read_text())["duplicates"]
     assert d["exact"]["groups"] == 0 and d["near"]["groups"] == 0 and d["near_pairs"] == 0
     assert (workspace.path / "plots/duplicates.png").stat().st_size > 1000
+
+
+def test_evaluate_scores_the_faces_training_never_saw_apart():
+    from ferpipe import evaluation
+
+    y = np.array([0, 1, 2, 3, 4, 5])
+    probs = np.eye(7)[[0, 1, 2, 0, 0, 0]]          # right on the first three only
+    single = np.eye(7)[[0, 0, 2, 3, 0, 0]]
+    unseen = np.array([False, False, True, True, True, True])
+    out = evaluation.leak_free(y, probs, single, unseen)
+    assert out == {"unseen_faces": 4, "seen_faces": 2, "unseen_accuracy": 0.25,
+                   "unseen_single_crop_accuracy": 0.5, "seen_accuracy": 1.0}
+    none_seen = evaluation.leak_free(y, probs, single, np.ones(6, bool))
+    assert none_seen["seen_faces"] == 0 and "seen_accuracy" not in none_seen

@@ -55,6 +55,10 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
         assert set(by_tta) == {"none", "flip", *DEFAULT_PARAMS["evaluate"]["tta_modes"]}
         assert by_tta["flip"] == ev[kind]["val"]["accuracy"]
         assert by_tta["none"] == ev[kind]["val"]["single_crop_accuracy"]
+        # Accuracy without the leak: the synthetic faces have no copies in Training.
+        test = ev[kind]["test"]
+        assert (test["unseen_faces"], test["seen_faces"]) == (70, 0)
+        assert test["unseen_accuracy"] == test["accuracy"]
     assert abs(ev["dnn"]["params"] - ev["cnn"]["params"]) <= 0.05 * ev["cnn"]["params"]
     for kind in ("cnn", "dnn"):
         t = json.loads((ws / f"metrics/train_{kind}.json").read_text())
