@@ -6,7 +6,6 @@ two launchers on localhost (--nnodes 2, static rendezvous) make the same run. In
 same global batches give the same optimisation at 1 and 2 processes when nothing but the
 gradient averaging differs (no batch norm, no dropout), and every rank ends with the same
 weights and batch-norm statistics when batch norm is on."""
-import json
 import os
 import signal
 import socket
@@ -15,13 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
 from ferpipe import synthetic
 
-from conftest import TINY_CNN, TINY_RUNTIME, TINY_TRAIN, Workspace, stage_env
+from conftest import TINY_CNN, TINY_RUNTIME, TINY_TRAIN, prepared_workspace, stage_env
 from test_resume import assert_same_result, checkpoint_epoch, copy_of, result
 
 pytestmark = pytest.mark.slow  # trains through the stages, several processes at a time
@@ -88,14 +86,8 @@ def run(ws, command, env=None, timeout=300):
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    path = tmp_path_factory.mktemp("distributed") / "template"
-    path.mkdir()
-    ws = Workspace(path)
-    synthetic.write_dataset(path / "data/raw", "fer2013_csv", 80, 1, seed=0)
-    ws.set_params(train=TRAIN, runtime=RUNTIME, cnn=TINY_CNN)
-    ws.run("prepare")
-    ws.run("split")
-    return path
+    return prepared_workspace(tmp_path_factory.mktemp("distributed") / "template",
+                              train=TRAIN, runtime=RUNTIME, cnn=TINY_CNN).path
 
 
 @pytest.fixture(scope="module")
