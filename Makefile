@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 SHARED_ZIP := ../shared/data/fer2013-train-publictest.zip
 
-.PHONY: install test test-fast demo run data clean-demo
+.PHONY: install test test-fast demo gpu-check run data clean-demo
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test-fast: install
 
 demo: install
 	$(PY) -m ferpipe.demo
+
+# The GPU path on a synthetic set: device auto, bf16 where the GPU has it, DDP over NCCL with
+# 2+ GPUs; prints training images/s and fails if the GPU was not used as asked.
+gpu-check: install
+	$(PY) -m ferpipe.gpu_check
 
 # Copy the shared FER2013 archive into data/raw/ when it is there and nothing else is. A copy,
 # not a symbolic link: prepare refuses links that point out of the raw folder. An older

@@ -1,7 +1,7 @@
 """Stage self_train: how much do unlabelled faces help? Hide most training labels, train the
 CNN on the rest (the baseline), then self-train in rounds on confident pseudo-labels and
 compare; the hidden labels only score the pseudo-labels."""
-from ferpipe import files, models, params, paths, runtime, selftrain, train
+from ferpipe import distributed, files, models, params, paths, runtime, selftrain, train
 from ferpipe.errors import run_stage
 
 IN_SPLITS = paths.SPLITS
@@ -12,15 +12,17 @@ RESUME_PREFIX = paths.SELF_TRAIN_RESUME
 
 
 def main():
+    rt = distributed.setup(runtime.load())  # under torchrun when runtime.processes > 1
     p = params.load({"cnn": models.CNN_SCHEMA, "train": train.SCHEMA,
                      "self_train": selftrain.SCHEMA})
     arch, training, st = models.resolve_cnn_config(p["cnn"]), p["train"], p["self_train"]
     splits = files.load_npz(IN_SPLITS, "data splits")
-    rt = runtime.setup(runtime.load())
     result = selftrain.run(lambda: models.FerCNN(arch, training["crop"]), splits, training, st,
                            rt, RESUME_PREFIX, IN_SPLITS)
     model = models.FerCNN(arch, training["crop"])
     model.load_state_dict(result["state"])
+    if not distributed.is_main():  # rank 0 alone writes
+        return
     m = selftrain.metrics(result)
     files.write_outputs({
         OUT_MODEL: models.checkpoint(model, "cnn", arch, training["crop"],

@@ -1,6 +1,6 @@
 """Stage train_cnn: train the configurable CNN (or an ensemble of them, ensemble.members);
 keep the weights best on validation."""
-from ferpipe import files, models, params, paths, runtime, train
+from ferpipe import distributed, files, models, params, paths, runtime, train
 from ferpipe.errors import run_stage
 
 IN_SPLITS = paths.SPLITS
@@ -12,17 +12,18 @@ RESUME = paths.RESUME["cnn"]
 
 
 def main():
+    rt = distributed.setup(runtime.load())  # under torchrun when runtime.processes > 1
     p = params.load({"cnn": models.CNN_SCHEMA, "train": train.SCHEMA,
                      "ensemble": models.ENSEMBLE_SCHEMA})
     arch, training = models.resolve_cnn_config(p["cnn"]), p["train"]
-    rt = runtime.setup(runtime.load())
     splits = files.load_npz(IN_SPLITS, "data splits")
     result = train.run("cnn", lambda: models.FerCNN(arch, training["crop"]), arch, splits,
                        training, rt, RESUME, p["ensemble"]["members"])
-    files.write_outputs({OUT_MODEL: result["checkpoint"], OUT_METRICS: result["metrics"],
-                         OUT_HISTORY: result["history"], OUT_LAYER_TABLE: result["summary"]})
-    files.remove(result["resume_files"])  # finished: a later run must start afresh
-    print(f"train_cnn: saved {OUT_MODEL}", flush=True)
+    if distributed.is_main():  # the only process that writes
+        files.write_outputs({OUT_MODEL: result["checkpoint"], OUT_METRICS: result["metrics"],
+                             OUT_HISTORY: result["history"], OUT_LAYER_TABLE: result["summary"]})
+        files.remove(result["resume_files"])  # finished: a later run must start afresh
+        print(f"train_cnn: saved {OUT_MODEL}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stage train_dnn: a fully connected network whose hidden widths are computed so its
 parameter count matches the CNN's, trained by the same loop with the same settings."""
-from ferpipe import files, models, params, paths, runtime, train
+from ferpipe import distributed, files, models, params, paths, runtime, train
 from ferpipe.errors import run_stage
 
 IN_SPLITS = paths.SPLITS
@@ -12,21 +12,22 @@ RESUME = paths.RESUME["dnn"]
 
 
 def main():
+    rt = distributed.setup(runtime.load())  # under torchrun when runtime.processes > 1
     p = params.load({"cnn": models.CNN_SCHEMA, "dnn": models.DNN_SCHEMA, "train": train.SCHEMA})
     training = p["train"]
     target = models.count_params(models.FerCNN(models.resolve_cnn_config(p["cnn"]),
                                                training["crop"]))
     widths = models.dnn_widths(p["dnn"], training["crop"], target)
     print(f"dnn: hidden widths {widths} to match the CNN's {target:,} parameters", flush=True)
-    rt = runtime.setup(runtime.load())
     splits = files.load_npz(IN_SPLITS, "data splits")
     config = {**p["dnn"], "widths": widths}
     result = train.run("dnn", lambda: models.build("dnn", config, training["crop"]), config,
                        splits, training, rt, RESUME)
-    files.write_outputs({OUT_MODEL: result["checkpoint"], OUT_METRICS: result["metrics"],
-                         OUT_HISTORY: result["history"], OUT_LAYER_TABLE: result["summary"]})
-    files.remove(result["resume_files"])  # finished: a later run must start afresh
-    print(f"train_dnn: saved {OUT_MODEL}", flush=True)
+    if distributed.is_main():  # the only process that writes
+        files.write_outputs({OUT_MODEL: result["checkpoint"], OUT_METRICS: result["metrics"],
+                             OUT_HISTORY: result["history"], OUT_LAYER_TABLE: result["summary"]})
+        files.remove(result["resume_files"])  # finished: a later run must start afresh
+        print(f"train_dnn: saved {OUT_MODEL}", flush=True)
 
 
 if __name__ == "__main__":

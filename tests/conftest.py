@@ -52,6 +52,20 @@ class Workspace:
         return proc
 
 
+def prepared_workspace(path, **sections):
+    """A Workspace at `path` with synthetic raw faces (80 a class), `sections` merged into
+    params.yaml, prepared and split: ready to train."""
+    from ferpipe import synthetic
+
+    path.mkdir()
+    ws = Workspace(path)
+    synthetic.write_dataset(path / "data/raw", "fer2013_csv", 80, 1, seed=0)
+    ws.set_params(**sections)
+    ws.run("prepare")
+    ws.run("split")
+    return ws
+
+
 # Small, fast training settings for tests that train. Precision auto: fp32 where bf16 would
 # be emulated (AVX2), so the suite is as fast there as on AVX-512.
 TINY_TRAIN = {"epochs": 2, "batch_size": 32}

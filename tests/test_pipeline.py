@@ -102,7 +102,7 @@ def test_runtime_settings_rerun_nothing(repo):
     path = ws / "params.yaml"
     before = path.read_text()
     params = yaml.safe_load(before)
-    params["runtime"].update(precision="fp32", threads=2, log_seconds=5, batch_size=64)
+    params["runtime"].update(precision="fp32", threads=2, log_seconds=5, batch_size=64, processes=2)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         assert ran(repro(ws)) == set()

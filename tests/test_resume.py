@@ -16,9 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ferpipe import synthetic
-
-from conftest import TINY_CNN, TINY_RUNTIME, TINY_TRAIN, Workspace, stage_env
+from conftest import TINY_CNN, TINY_RUNTIME, TINY_TRAIN, Workspace, prepared_workspace, stage_env
 
 pytestmark = pytest.mark.slow  # trains through the stages end to end
 
@@ -37,14 +35,8 @@ RESUME = "checkpoints/cnn.resume.pt"
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     """A workspace with synthetic raw data, prepared and split, ready to train."""
-    path = tmp_path_factory.mktemp("resume") / "template"
-    path.mkdir()
-    ws = Workspace(path)
-    synthetic.write_dataset(path / "data/raw", "fer2013_csv", 80, 1, seed=0)
-    ws.set_params(train=TRAIN, runtime=RUNTIME, cnn=CNN)
-    ws.run("prepare")
-    ws.run("split")
-    return path
+    return prepared_workspace(tmp_path_factory.mktemp("resume") / "template",
+                              train=TRAIN, runtime=RUNTIME, cnn=CNN).path
 
 
 def copy_of(template, tmp_path, name):

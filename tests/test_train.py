@@ -1,6 +1,8 @@
 """The training loop's weight average (train.ema_decay), on synthetic faces."""
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +72,74 @@ def test_the_update_is_an_exponential_moving_average_of_weights_and_bn_statistic
         else:
             assert torch.equal(v, target[k]), k
     assert int(now["1.num_batches_tracked"]) == 1
+
+
+# ---------------------------------------------------------------- resuming on a GPU, without one
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """The model "lives on cuda:0"; the CUDA generator is a byte tensor we can watch."""
+    gpu = torch.device("cuda", 0)
+    calls = {"set": [], "map_location": []}
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    monkeypatch.setattr(train, "device_of", lambda model: gpu)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": calls["set"].append((state, device)))
+    real_load = train.load_torch
+
+    def load(path, map_location="cpu"):
+        calls["map_location"].append(map_location)
+        return real_load(path, map_location)
+    monkeypatch.setattr(train, "load_torch", load)
+    return gpu, cuda_state, calls
+
+
+def test_a_gpu_run_saves_and_restores_the_cuda_generator_on_the_cpu(setting, fake_gpu, tmp_path):
+    gpu, cuda_state, calls = fake_gpu
+    arch, cfg, _ = setting
+    model = models.FerCNN(arch, cfg["crop"])
+    opt = train.make_optimizer(model, cfg)
+    sched = train.make_schedule(opt, cfg, 4)
+    gen = torch.Generator().manual_seed(3)
+    ckpt = train.Checkpoint(tmp_path / "run.resume.pt", "id")
+    ckpt.save(model, None, opt, sched, gen, {"epoch": 1})
+    assert torch.equal(torch.load(ckpt.path, weights_only=True)["cuda_rng"], cuda_state)
+
+    torch.rand(5)  # move the CPU generator on, so restoring it is seen
+    saved_cpu = torch.load(ckpt.path, weights_only=True)["torch_rng"]
+    assert ckpt.restore(model, None, opt, sched, torch.Generator(), print) == {"epoch": 1}
+    # Loaded on the CPU (random states must stay CPU byte tensors), whatever the device.
+    assert calls["map_location"] == ["cpu"]
+    assert torch.equal(torch.get_rng_state(), saved_cpu)
+    [(state, device)] = calls["set"]
+    assert torch.equal(state, cuda_state) and state.device.type == "cpu" and device == gpu
+
+
+def test_self_training_resumes_through_the_same_checkpoint(monkeypatch, tmp_path):
+    from ferpipe import selftrain
+
+    seen = []
+
+    def fake_fit(model, train_set, val, training, rt, name, checkpoint=None):
+        seen.append(checkpoint)
+        return model.state_dict(), [], {}
+    monkeypatch.setattr(train, "fit", fake_fit)
+    none = np.zeros(0, np.int64)
+    rounds = selftrain.Rounds(lambda: torch.nn.Linear(2, 2), {"seed": 0}, {"retrain": "scratch"},
+                              None, (none, none), None, none, str(tmp_path / "st"))
+    rounds.fit(0, rounds.fresh(), np.zeros((2, 48, 48), np.uint8), np.zeros(2, np.int64), none, none)
+    [checkpoint] = seen
+    assert type(checkpoint) is train.Checkpoint  # so it too restores on the CPU, CUDA state included
+    assert str(checkpoint.path) == f"{tmp_path / 'st'}.round0.resume.pt"
+
+
+def test_cuda_runs_ask_for_deterministic_kernels(monkeypatch):
+    from ferpipe import runtime
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    runtime.deterministic_cuda()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

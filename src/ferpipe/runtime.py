@@ -2,9 +2,12 @@
 
 No stage declares this section in dvc.yaml, so changing it re-runs nothing and leaves the
 resume checkpoints valid: it holds only what changes speed or logging on the machine at
-hand (device, threads, precision, inference batch size, progress interval). The precision
-resolved here, and the hardware it was resolved on, are written into the metrics.
+hand (device, threads, precision, inference batch size, progress interval, the number of
+training processes). The precision resolved here, and the hardware it was resolved on, are
+written into the metrics.
 """
+import os
+
 import torch
 
 from . import infer, params
@@ -16,6 +19,9 @@ SCHEMA = {
     "precision": choice("auto", "bf16", "fp32"),
     "batch_size": integer(lo=1),
     "log_seconds": number(lo=1.0),
+    # training processes on this machine (distributed.py): > 1 runs the training stages
+    # data-parallel under torchrun
+    "processes": integer(lo=1),
 }
 
 
@@ -30,6 +36,8 @@ def setup(settings):
     fp32, plus `hardware` (what the choice was made on, for the metrics)."""
     infer.set_threads(settings["threads"])
     device = infer.pick_device(settings["device"])
+    if device.type == "cuda":
+        deterministic_cuda()
     return {**settings, "device": device,
             "precision": infer.resolve_precision(settings["precision"], device),
             "precision_requested": settings["precision"],
@@ -37,7 +45,19 @@ def setup(settings):
             "hardware": infer.hardware(device)}
 
 
+def deterministic_cuda():
+    """What repeatable CUDA runs need: deterministic cuDNN convolutions chosen without
+    benchmarking, and a fixed cuBLAS workspace (read when cuBLAS starts, so set it first)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def record(rt):
-    """What the metrics say about the machine and the precision a result came from."""
-    return {"precision": rt["precision"], "precision_requested": rt["precision_requested"],
-            "threads": rt["threads"], **rt["hardware"]}
+    """What the metrics say about the machine and the precision a result came from (and,
+    when it trained data-parallel, on how many processes)."""
+    out = {"precision": rt["precision"], "precision_requested": rt["precision_requested"],
+           "threads": rt["threads"], **rt["hardware"]}
+    if rt.get("world_size", 1) > 1:
+        out.update(processes=rt["world_size"], backend=rt["backend"])
+    return out

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from . import EMOTIONS, NUM_CLASSES, infer, paths, runtime, train
+from . import EMOTIONS, NUM_CLASSES, distributed, infer, paths, runtime, train
 from .errors import FerPipeError
 from .params import boolean, choice, integer, number
 
@@ -158,7 +158,9 @@ class Rounds:
         return self.new_model()
 
     def predict(self, model, x):
-        return infer.predict(model, x, self.training["crop"], self.st["tta"], self.rt)
+        # Under torchrun each rank predicts its share of the faces; all get every prediction.
+        return distributed.map_rows(
+            lambda part: infer.predict(model, part, self.training["crop"], self.st["tta"], self.rt), x)
 
     def fit(self, r, model, x, y, chosen, labels):
         """Train round r (0 = baseline) in place, keep its best weights; returns them and

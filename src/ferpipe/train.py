@@ -5,7 +5,8 @@ checkpoint of the same run exists; then per epoch `train_one_epoch`, `validate`,
 best weights, save a checkpoint. The checkpoint holds everything needed to continue (model,
 weight average, optimiser, schedule, random states, history) and is written atomically after
 every epoch, so a killed run resumes where it stopped and ends exactly as an uninterrupted
-one would.
+one would. Under torchrun the same loop trains data-parallel: distributed.py says how the
+batches, batch norm, validation and writing are shared between the processes.
 """
 import copy
 import hashlib
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import NUM_CLASSES, augment, runtime
+from . import NUM_CLASSES, augment, distributed, runtime
 from .errors import FerPipeError
 from .files import load_torch, save_torch
 from .infer import autocast, channels_last, predict_proba
@@ -141,13 +142,15 @@ def mix_batch(x, y, training, gen):
 class Batches:
     """The training faces, kept on the device as uint8 (4x smaller than floats), served as
     shuffled, augmented and mixed batches. The ragged last batch is dropped: batch norm
-    dislikes tiny batches."""
+    dislikes tiny batches. Under torchrun every rank draws the same global batches and
+    trains on its own slice of each (`part`)."""
 
     def __init__(self, images, labels, training, gen, device):
         self.x = torch.as_tensor(images).to(device)
         self.y = torch.as_tensor(labels.astype(np.int64)).to(device)
         self.training, self.gen, self.size = training, gen, training["batch_size"]
         self.steps = max(1, len(labels) // self.size)
+        self.part = distributed.batch_part(self.size)
 
     def __len__(self):
         return self.steps
@@ -161,7 +164,8 @@ class Batches:
         """(x, y_a, y_b, lam) for the faces at `idx`."""
         x = augment.random_views(self.x[idx].unsqueeze(1).float().div_(255.0),
                                  self.training["augment"], self.training["crop"], self.gen)
-        return mix_batch(x, self.y[idx], self.training, self.gen)
+        x, y_a, y_b, lam = mix_batch(x, self.y[idx], self.training, self.gen)
+        return x[self.part], y_a[self.part], y_b[self.part], lam
 
 
 class EMA:
@@ -231,6 +235,7 @@ def train_one_epoch(model, batches, opt, sched, loss_fn, ema, rt, epoch, say):
                 f"acc {correct / seen:.4f} epoch left {left:.0f}s")
             last_log = now
     seconds = time.perf_counter() - t0
+    loss_sum, correct, seen = distributed.all_sum(loss_sum, correct, seen)
     return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen, "seen": seen,
             "train_seconds": seconds, "compute_seconds": compute}
 
@@ -238,8 +243,9 @@ def train_one_epoch(model, batches, opt, sched, loss_fn, ema, rt, epoch, say):
 # ---------------------------------------------------------------- validation and the best weights
 
 def score(model, x, y, crop, rt):
-    """Single-crop loss and accuracy."""
-    probs = predict_proba(model, x, crop, "none", rt["batch_size"], rt["precision"], rt["device"])
+    """Single-crop loss and accuracy (the faces shared among the processes under torchrun)."""
+    probs = distributed.map_rows(lambda part: predict_proba(
+        model, part, crop, "none", rt["batch_size"], rt["precision"], rt["device"]), x)
     y_t = torch.as_tensor(y.astype(np.int64))
     loss = float(F.nll_loss(torch.log(torch.as_tensor(probs).clamp_min(1e-12)), y_t))
     return loss, float((probs.argmax(1) == y).mean())
@@ -281,14 +287,33 @@ def fingerprint(*parts):
     return h.hexdigest()
 
 
+def device_of(model):
+    return next(model.parameters()).device
+
+
+def rank_random_states(device):
+    """The random states one process draws dropout from: torch's CPU generator and, on a
+    GPU, the CUDA generator of its device."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rank_random_states(states, device):
+    torch.set_rng_state(states["torch_rng"])
+    if device.type == "cuda" and states.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(states["cuda_rng"], device)
+
+
 class Checkpoint:
-    """The resume file of one run, identified by `run_id` (a `fingerprint`)."""
+    """The resume file of one run, identified by `run_id` (a `fingerprint`). Under torchrun
+    rank 0 reads and writes it for all: it holds every rank's random states."""
 
     def __init__(self, path, run_id):
         self.path, self.run_id = Path(path), run_id
 
-    def restore(self, model, ema, opt, sched, gen, say):
-        """Load a checkpoint of this run into the given objects; its state, or None."""
+    def read(self):
         if not self.path.exists():
             return None
         # On the CPU: the random states must stay CPU byte tensors; load_state_dict moves
@@ -297,6 +322,13 @@ class Checkpoint:
         if not isinstance(ckpt, dict):
             raise FerPipeError(f"{self.path}: not a checkpoint of this pipeline; delete it "
                                "to train from the start")
+        return ckpt
+
+    def restore(self, model, ema, opt, sched, gen, say):
+        """Load a checkpoint of this run into the given objects; its state, or None."""
+        ckpt = distributed.from_main(self.read)
+        if ckpt is None:
+            return None
         if ckpt.get("run_id") != self.run_id:
             say(f"ignoring {self.path}: it belongs to other params or data")
             return None
@@ -306,16 +338,25 @@ class Checkpoint:
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         gen.set_state(ckpt["gen"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        ranks, rank = ckpt.get("ranks", [ckpt]), distributed.rank()
+        if len(ranks) != distributed.world_size():
+            say(f"note: the checkpoint was written by {len(ranks)} processes, this run has "
+                f"{distributed.world_size()}: it goes on, with other dropout draws")
+        if rank < len(ranks):
+            set_rank_random_states(ranks[rank], device_of(model))
         say(f"resuming from the checkpoint after epoch {ckpt['state']['epoch']} ({self.path})")
         return ckpt["state"]
 
     def save(self, model, ema, opt, sched, gen, state):
+        ranks = distributed.all_gather(rank_random_states(device_of(model)))
+        if not distributed.is_main():
+            return
         save_torch(self.path, {
             "run_id": self.run_id, "model": model.state_dict(),
             "ema": ema.model.state_dict() if ema is not None else None,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "state": state})
+            "gen": gen.get_state(), **ranks[0], **({"ranks": ranks} if len(ranks) > 1 else {}),
+            "state": state})
 
 
 # ---------------------------------------------------------------- the loop
@@ -338,12 +379,15 @@ def fit(model, train, val, training, rt, name, checkpoint=None):
     sched = make_schedule(opt, training, len(batches))
     loss_fn = make_loss(train[1], training, device)
     ema = EMA(model, training["ema_decay"]) if training["ema_decay"] > 0 else None
+    net = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
+    distributed.seed_rank(training["seed"])
     state = (checkpoint and checkpoint.restore(model, ema, opt, sched, gen, say)) or new_state()
 
     for epoch in range(state["epoch"] + 1, training["epochs"] + 1):
         t0 = time.perf_counter()
-        tr = train_one_epoch(model, batches, opt, sched, loss_fn, ema, rt, epoch,
+        tr = train_one_epoch(net, batches, opt, sched, loss_fn, ema, rt, epoch,
                              lambda text: say(f"epoch {epoch}/{training['epochs']} {text}"))
+        distributed.sync_buffers(model, ema and ema.model)
         row, best_net, best_acc = validate(model, ema, val, training["crop"], rt)
         state["history"].append({
             "epoch": epoch, "train_loss": tr["train_loss"], "train_accuracy": tr["train_accuracy"],
