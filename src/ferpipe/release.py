@@ -123,7 +123,7 @@ def locate(model=None, backend=None):
     return released, "onnx"
 
 
-def load_classifier(model=None, backend=None, threads=0, batch_size=256):
+def load_classifier(model=None, backend=None, threads=0, precision="auto", batch_size=256):
     """The Classifier for classify's --model/--backend, and a line saying what it is."""
     path, backend = locate(model, backend)
     rt = {"batch_size": batch_size}
@@ -137,7 +137,7 @@ def load_classifier(model=None, backend=None, threads=0, batch_size=256):
                           f"{path} (onnxruntime, {card['precision']} weights, sha256 checked, "
                           f"temperature {card['temperature']:.3f} in the graph{scored})", rt)
     device = infer.pick_device("auto")
-    rt.update(device=device, precision=infer.resolve_precision("auto", device))
+    rt.update(device=device, precision=infer.resolve_precision(precision, device))
     net, ckpt = models.load(path, device)
     cal_path = Path(path).with_name(Path(paths.CALIBRATION).name)
     try:
