@@ -199,6 +199,9 @@ def test_a_video_every_nth_frame(model_path, tmp_path, capsys):
     assert "4 video frames classified" in err and "1 files, 3 faces" in err
     annotated = cv2.VideoCapture(str(tmp_path / "out" / "annotated" / "clip.avi.mp4"))
     assert annotated.get(cv2.CAP_PROP_FRAME_COUNT) == 4
+    (tmp_path / "bad.mp4").write_text("no video\n")
+    status, _, err = run(capsys, tmp_path / "bad.mp4", "--model", model_path)
+    assert status == 1 and re.search(r"^error: \S*bad.mp4: ", err, re.M)
 
 
 def test_a_large_folder_streams_its_rows_and_shows_progress(model_path, tmp_path, capsys,

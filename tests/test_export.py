@@ -184,3 +184,13 @@ def test_the_export_stage(workspace):
     save_tiny_cnn(ws / "models" / "cnn.pt", seed=9)
     proc = workspace.run("export", check=False)
     assert proc.returncode == 2 and "fitted on another models/cnn.pt" in proc.stderr
+
+
+def test_the_throughput_table(tmp_path, val_faces):
+    from ferpipe import throughput
+
+    model, ckpt = save_tiny_cnn(tmp_path / "models" / "cnn.pt")
+    graph_path, _ = release_files(tmp_path / "release", model, ckpt, tmp_path / "models" / "cnn.pt")
+    rows = throughput.measure(tmp_path / "models" / "cnn.pt", graph_path, val_faces[:16], [1],
+                              ["none"], 8, seconds=0.01)
+    assert {r[0] for r in rows} == {"torch", "onnxruntime"} and all(r[-1] > 0 for r in rows)
