@@ -75,6 +75,13 @@ def test_a_photo_without_a_face_gives_a_row_that_says_so(model_path, capsys):
     rows = list(csv.DictReader(io.StringIO(out)))  # no --out: rows on stdout
     assert [r["status"] for r in rows] == ["no face"] and rows[0]["label"] == ""
     assert "0 faces, 1 files without a face, 0 errors" in err
+    assert "--no-detect" not in err  # a photo: no hint about crops
+
+
+def test_small_crops_without_no_detect_get_a_hint(model_path, tmp_path, capsys):
+    Image.fromarray(synthetic.make_faces(1, seed=0)[0][0]).save(tmp_path / "face.png")
+    status, out, err = run(capsys, tmp_path / "face.png", "--model", model_path)
+    assert status == 0 and "no face" in out and "for face crops use --no-detect" in err
 
 
 def test_no_detect_gives_evaluates_single_crop_predictions(model_path, tmp_path, capsys):
@@ -256,9 +263,9 @@ def test_the_model_used_by_default(tmp_path, monkeypatch, capsys):
 
 
 def test_the_console_script_is_declared():
-    import tomllib
-
     from conftest import ROOT
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, func = scripts["ferpipe"].split(":")

@@ -199,6 +199,7 @@ class Run:
     def __init__(self, args, classifier, rows, annotated):
         self.a, self.clf, self.rows, self.annotated = args, classifier, rows, annotated
         self.counts = dict(files=0, faces=0, without_face=0, errors=0, frames=0, skipped=0)
+        self.small_without_face = 0  # pictures too small to hold a face the detector finds
         self.started = self.last_report = time.monotonic()
 
     def faces_in(self, gray):
@@ -217,6 +218,7 @@ class Run:
         self.rows.write(rows_for(str(path), "", boxes, probs))
         self.counts["faces"] += len(boxes)
         self.counts["without_face"] += not boxes
+        self.small_without_face += not boxes and min(gray.shape) < 2 * self.a.min_face
         if self.annotated.root:
             annotate(rgb, boxes, probs).save(self.annotated.path(name), quality=90)
 
@@ -230,6 +232,7 @@ class Run:
                 boxes, probs = self.faces_in(faces.bgr_to_gray(frame))
                 self.rows.write(rows_for(label, index, boxes, probs))
                 found += len(boxes)
+                self.counts["faces"] += len(boxes)
                 self.counts["frames"] += 1
                 if self.annotated.root:
                     rgb = annotate(Image.fromarray(frame[:, :, ::-1]), boxes, probs)
@@ -242,7 +245,6 @@ class Run:
         finally:
             if writer is not None:
                 writer.release()
-        self.counts["faces"] += found
         self.counts["without_face"] += not found
 
     def _video_writer(self, name, shape, fps):
@@ -278,9 +280,9 @@ class Run:
         print(f"error: {path}: {problem}", file=sys.stderr, flush=True)
         self.rows.write([{"source": str(path), "status": f"error: {problem}"}])
 
-    def progress(self, final=False):
+    def progress(self):
         now = time.monotonic()
-        if not final and now - self.last_report < PROGRESS_SECONDS:
+        if now - self.last_report < PROGRESS_SECONDS:
             return
         self.last_report = now
         c = self.counts
@@ -309,22 +311,29 @@ def run(argv=None):
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     a.tta = a.tta or clf.tta
+    faces.set_threads(a.threads)
     print(f"classify: model {clf.description}; tta {a.tta}; "
           + ("no detection (each image is one face)" if a.no_detect else
              f"faces of {a.min_face}+ px by {faces.CASCADE}"), file=sys.stderr, flush=True)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
     rows = Rows(Path(a.out) / f"faces.{a.format}" if a.out else None, a.format)
-    job = Run(a, clf, rows, Annotated(a.out))
+    job, interrupted = Run(a, clf, rows, Annotated(a.out)), False
     try:
         if a.camera is not None:
             job.one("camera", a.camera, Path(f"camera_{a.camera}"))
         for kind, path, name in inputs(a.paths):
             job.one(kind, path, name)
+    except KeyboardInterrupt:  # Ctrl-C: keep what was written, say how far it got
+        interrupted = True
+        print("classify: interrupted", file=sys.stderr, flush=True)
     finally:
         rows.close()
+    if job.small_without_face:
+        print(f"classify: {job.small_without_face:,} pictures smaller than twice --min-face had "
+              "no face; for face crops use --no-detect", file=sys.stderr, flush=True)
     print(job.summary(), file=sys.stderr, flush=True)
-    return 1 if job.counts["errors"] else 0
+    return 130 if interrupted else 1 if job.counts["errors"] else 0
 
 
 def main(argv=None):

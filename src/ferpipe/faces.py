@@ -109,6 +109,14 @@ class Video:
 
 # ---------------------------------------------------------------- detection and crops
 
+def set_threads(threads):
+    """OpenCV's threads for detection and resizing (0 = its default, all cores)."""
+    import cv2
+
+    if threads:
+        cv2.setNumThreads(threads)
+
+
 @functools.lru_cache(maxsize=1)
 def cascade():
     import cv2
