@@ -270,3 +270,28 @@ def test_the_console_script_is_declared():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, func = scripts["ferpipe"].split(":")
     assert callable(getattr(importlib.import_module(module), func))
+
+
+@pytest.mark.slow
+def test_ten_thousand_images(model_path, tmp_path, capsys, monkeypatch):
+    """10,000 pictures: progress on the way, one row each, and memory that does not grow
+    with the folder (held all at once, their decoded pixels alone would take ~280 MB)."""
+    import resource
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    base = np.asarray(Image.open(ASTRONAUT).convert("RGB").resize((96, 96)))
+    for i in range(10_000):
+        shifted = np.roll(base, int(rng.integers(0, 96)), axis=1)
+        Image.fromarray(shifted).save(folder / f"{i:05d}.jpg", quality=80)
+    run(capsys, folder / "00000.jpg", "--no-detect", "--model", model_path)  # warm up
+    monkeypatch.setattr(classify, "PROGRESS_SECONDS", 1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    status, out, err = run(capsys, folder, "--no-detect", "--tta", "none", "--model", model_path)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert status == 0, err
+    assert len(list(csv.DictReader(io.StringIO(out)))) == 10_000
+    assert re.search(r"^classify: [\d,]+ files \([\d.]+/s\)", err, re.M)
+    assert "classify: 10,000 files, 10,000 faces" in err
+    assert grown_mib < 100, f"memory grew by {grown_mib:.0f} MiB"

@@ -74,10 +74,10 @@ def parse_args(argv):
 # ---------------------------------------------------------------- inputs
 
 def inputs(paths):
-    """(kind, path, name) for each input, lazily: folders are walked one entry at a time
-    (sorted, hidden files left out), so a folder of any size is never listed in memory.
-    kind is image, video, skipped (a folder entry of another type) or missing; name is
-    the path an annotated copy gets under --out/annotated."""
+    """(kind, path, name) for each input, lazily: folders are walked recursively in sorted
+    order (hidden files left out), and only the names of the folder being walked are held,
+    never its pictures. kind is image, video, skipped (a folder entry of another type) or
+    missing; name is the path an annotated copy gets under --out/annotated."""
     for arg in paths:
         root = Path(arg)
         if root.is_dir():
