@@ -1,6 +1,7 @@
 """Stage evaluate: score the CNN and the DNN on validation and test (PublicTest, and
 PrivateTest when present), draw confusion matrices, misclassified faces and training
-curves, and compare the two networks."""
+curves, and compare the two networks; fit the CNN's temperature on validation and measure
+its calibration (ECE, reliability diagram) before and after."""
 import json
 from pathlib import Path
 
@@ -20,6 +21,8 @@ OUT_CURVES = paths.TRAINING_CURVES
 OUT_CONFUSION = {(kind, split, suffix): paths.confusion(kind, split, suffix)
                  for kind in paths.KINDS for split in evaluation.SPLITS for suffix in ("csv", "png")}
 OUT_MISCLASSIFIED = paths.MISCLASSIFIED
+OUT_RELIABILITY = paths.RELIABILITY
+OUT_CALIBRATION = paths.CALIBRATION
 
 
 def main():
@@ -43,6 +46,12 @@ def main():
             outputs[OUT_CONFUSION[kind, split, "csv"]] = rows
             outputs[OUT_CONFUSION[kind, split, "png"]] = res["figures"][split]
         outputs[OUT_MISCLASSIFIED[kind]] = res["figures"]["misclassified"]
+        if kind == "cnn":
+            cal, outputs[OUT_RELIABILITY] = evaluation.calibrate(
+                model, ckpt["input_size"], splits, p["infer"]["tta"], rt)
+            summary[kind]["calibration"] = cal
+            outputs[OUT_CALIBRATION] = evaluation.calibration_record(
+                IN_MODELS[kind], files.sha256(IN_MODELS[kind]), summary[kind])
     summary["comparison"] = evaluation.comparison(summary)
     summary["runtime"] = runtime.record(rt)
     outputs.update({OUT_METRICS: summary, OUT_PER_CLASS: per_class,

@@ -86,3 +86,20 @@ def workspace(tmp_path):
     ws = tmp_path / "ws"
     ws.mkdir()
     return Workspace(ws)
+
+
+def save_tiny_cnn(path, members=1, seed=0, crop=40, **arch):
+    """An untrained TINY_CNN (or an ensemble of them; `arch` overrides its cnn: keys) saved as
+    train_cnn saves its model: what classify and export tests load, without training.
+    Returns (model, checkpoint)."""
+    import torch
+
+    from ferpipe import files, models
+
+    config = models.resolve_cnn_config({**yaml.safe_load((ROOT / "params.yaml").read_text())["cnn"],
+                                        **TINY_CNN, **arch})
+    torch.manual_seed(seed)
+    model = models.build("cnn", config, crop, members).eval()
+    ckpt = models.checkpoint(model, "cnn", config, crop, {"crop": crop})
+    files.save_torch(path, ckpt)
+    return model, ckpt

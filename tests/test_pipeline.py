@@ -1,12 +1,14 @@
 """The whole DVC pipeline on a tiny synthetic set in a temporary git repository."""
+import io
 import json
 import re
 
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
-from ferpipe import demo
+from ferpipe import demo, files, synthetic
 
 from conftest import ROOT, TINY_CNN, TINY_RUNTIME, TINY_TRAIN
 
@@ -41,8 +43,8 @@ def repo(tmp_path_factory):
 
 def test_every_stage_runs_and_writes_its_outputs(repo):
     ws, out = repo
-    assert ran(out) == {"prepare", "split", "train_cnn", "train_dnn", "evaluate", "predict",
-                        "saliency", "filters", "self_train"}
+    assert ran(out) == {"prepare", "split", "train_cnn", "train_dnn", "evaluate", "export",
+                        "predict", "saliency", "filters", "self_train"}
     ev = json.loads((ws / "metrics/evaluate.json").read_text())
     for kind in ("cnn", "dnn"):
         assert ev[kind]["params"] > 0
@@ -82,9 +84,46 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
     assert st["labelled_fraction"] == pytest.approx(0.5, abs=0.05)
     assert st["gain"] == pytest.approx(st["self_trained"]["test"]["accuracy"]
                                        - st["baseline"]["test"]["accuracy"])
+    cal = ev["cnn"]["calibration"]
+    assert cal["temperature"] > 0 and cal["tta"] == "flip"
+    for split in ("val", "test"):
+        assert 0 <= cal[split]["ece"] <= 1 and 0 <= cal[split]["ece_calibrated"] <= 1
+    assert (ws / "plots/reliability_cnn.png").stat().st_size > 1000
+    # export: the release a fresh clone uses, recorded by dvc.lock, carried by git
+    card = json.loads((ws / "release/model_card.json").read_text())
+    assert card["sha256"] == files.sha256(ws / "release/fer_cnn.onnx")
+    assert card["temperature"] == cal["temperature"]
+    assert card["accuracy"]["test"]["accuracy"] == ev["cnn"]["test"]["accuracy"]
+    assert card["parity"]["argmax_agreement"] >= 0.999 and card["parity"]["faces"] == 21
+    assert re.fullmatch(r"[0-9a-f]{40}", card["git_commit"])
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["export"]
+    assert {o["path"] for o in lock["outs"]} == {"release/fer_cnn.onnx", "release/model_card.json"}
+    assert not (ws / "release/.gitignore").exists()  # cache: false: git carries them
     # metrics and plots are readable by DVC itself
     shown = demo.dvc(ws, "metrics", "show", "--json", capture=True)
     assert "best_val_accuracy" in shown.stdout
+
+
+def test_classify_uses_the_release_in_a_clone(repo, tmp_path):
+    """Without models/cnn.pt (a fresh clone), classify runs the committed release."""
+    import subprocess
+    import sys
+
+    ws, _ = repo
+    x, _ = synthetic.make_faces(1, seed=0)
+    for i, face in enumerate(x):
+        Image.fromarray(face).save(tmp_path / f"{i}.png")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
+    (clone / "release").mkdir()
+    for name in ("fer_cnn.onnx", "model_card.json"):  # what a commit of release/ carries
+        (clone / "release" / name).write_bytes((ws / "release" / name).read_bytes())
+    assert not (clone / "models/cnn.pt").exists()
+    proc = subprocess.run([sys.executable, "-m", "ferpipe.classify", str(tmp_path), "--no-detect"],
+                          cwd=clone, env=demo.env_for(clone), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "release/fer_cnn.onnx (onnxruntime" in proc.stderr
+    assert len(pd.read_csv(io.StringIO(proc.stdout))) == 7
 
 
 def test_nothing_reruns_when_nothing_changed(repo):
@@ -118,6 +157,7 @@ def test_dnn_param_change_reruns_only_train_dnn_and_dependants(repo):
     again = ran(repro(ws))
     assert "train_dnn" in again
     assert not again & {"prepare", "split", "train_cnn", "predict", "self_train"}
+    # evaluate re-runs, but the CNN's calibration is unchanged, so export does not
     assert again <= {"train_dnn", "evaluate", "saliency", "filters"}
 
 
@@ -129,7 +169,7 @@ def test_ensemble_change_reruns_the_cnn_side_only_and_flows_through(repo):
     params["ensemble"]["members"] = 2
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = repro(ws)
-    assert ran(out) == {"train_cnn", "evaluate", "predict", "saliency", "filters"}
+    assert ran(out) == {"train_cnn", "evaluate", "export", "predict", "saliency", "filters"}
     assert "[cnn 2/2] epoch 2/2" in out
     ev = json.loads((ws / "metrics/evaluate.json").read_text())
     assert ev["cnn"]["members"] == 2 and "members" not in ev["dnn"]
@@ -138,3 +178,4 @@ def test_ensemble_change_reruns_the_cnn_side_only_and_flows_through(repo):
     t = json.loads((ws / "metrics/train_cnn.json").read_text())
     assert t["members"] == 2 and len(t["member_val_accuracy"]) == 2
     assert len(pd.read_csv(ws / "predictions.csv")) == 70
+    assert json.loads((ws / "release/model_card.json").read_text())["members"] == 2

@@ -112,6 +112,17 @@ def load_torch(path, map_location="cpu", missing_hint="run dvc repro"):
                            f"({type(err).__name__})") from None
 
 
+def sha256(path):
+    """The hex sha256 of a file's bytes, read in blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_torch(path, obj):
     import torch
 
@@ -131,10 +142,13 @@ def save_figure(path, fig, dpi=110):
 
 def write_outputs(outputs):
     """Write each {path: content} by the path's suffix: .pt a torch object, .json a JSON
-    object, .csv a DataFrame or a list of row dicts, .png a matplotlib figure, else text."""
+    object, .csv a DataFrame or a list of row dicts, .png a matplotlib figure, bytes as they
+    are, else text."""
     for path, content in outputs.items():
         suffix = Path(path).suffix
-        if suffix == ".pt":
+        if isinstance(content, bytes):
+            write_bytes(path, content)
+        elif suffix == ".pt":
             save_torch(path, content)
         elif suffix == ".json":
             write_json(path, content)

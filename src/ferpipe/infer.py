@@ -126,27 +126,63 @@ def test_views(x, crop, mode):
 
 # ---------------------------------------------------------------- prediction
 
-@torch.no_grad()
-def predict_proba(model, images, crop, tta="none", batch_size=512, precision="fp32", device=None):
-    """Mean softmax probability over the test-time views, as a (N, 7) float numpy array."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    out = []
+def _view_batches(images, crop, tta, batch_size, device):
+    """The test-time views of each batch of uint8 faces, as float tensors on `device`."""
     for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size], device)
+        yield test_views(to_float(images[start:start + batch_size], device), crop, tta)
+
+
+def _network(model, precision, device, temperature):
+    """A torch network as predict_proba's function of one batch of views: the softmax of its
+    outputs divided by the temperature (1: as trained)."""
+    model.eval()
+
+    def probs(v):
+        with autocast(device, precision):
+            logits = model(channels_last(v)).float()
+        return torch.softmax(logits if temperature == 1 else logits / temperature, 1)
+    return probs
+
+
+@torch.no_grad()
+def predict_proba(model, images, crop, tta="none", batch_size=512, precision="fp32", device=None,
+                  temperature=1.0):
+    """Mean softmax probability over the test-time views, as a (N, 7) float numpy array.
+
+    `model` is a torch network, or a runner of an exported graph with a `probs(views)` method
+    (release.OnnxModel), so classify's two backends share the views and the averaging.
+    `temperature` divides a torch network's outputs (an exported graph holds its own)."""
+    if isinstance(model, torch.nn.Module):
+        device = device or next(model.parameters()).device
+        probs_of = _network(model, precision, device, temperature)
+    else:
+        device, probs_of = torch.device("cpu"), model.probs
+    out = []
+    for views in _view_batches(images, crop, tta, batch_size, device):
         probs = 0
-        views = test_views(x, crop, tta)
         for v in views:
-            with autocast(device, precision):
-                probs = probs + torch.softmax(model(channels_last(v)).float(), 1)
+            probs = probs + probs_of(v)
         out.append((probs / len(views)).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 7), np.float32)
 
 
-def predict(model, images, crop, tta, rt):
+@torch.no_grad()
+def view_logits(model, images, crop, tta, rt):
+    """The network's outputs for every test-time view, (N, views, 7) float32: what a
+    temperature is fitted on (evaluation.fit_temperature)."""
+    model.eval()
+    out = []
+    for views in _view_batches(images, crop, tta, rt["batch_size"], rt["device"]):
+        with autocast(rt["device"], rt["precision"]):
+            out.append(torch.stack([model(channels_last(v)).float() for v in views], 1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 1, 7), np.float32)
+
+
+def predict(model, images, crop, tta, rt, temperature=1.0):
     """predict_proba with the batch size, precision and device of the resolved run-time
     settings (runtime.setup): the precision that suits this machine, not the training one."""
-    return predict_proba(model, images, crop, tta, rt["batch_size"], rt["precision"], rt["device"])
+    return predict_proba(model, images, crop, tta, rt["batch_size"], rt["precision"],
+                         rt["device"], temperature)
 
 
 def faces_to_predict(splits):

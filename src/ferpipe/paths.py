@@ -24,6 +24,11 @@ EVALUATE_METRICS = "metrics/evaluate.json"
 PER_CLASS = "metrics/evaluate_per_class.json"
 COMPARISON = "plots/comparison.md"
 TRAINING_CURVES = "plots/training_curves.png"
+RELIABILITY = "plots/reliability_cnn.png"
+# What evaluate learned about models/cnn.pt (the temperature fitted on validation, the
+# accuracy and calibration error it measured), tied to it by its sha256: train_cnn owns the
+# checkpoint, so the temperature travels beside it.
+CALIBRATION = "models/calibration.json"
 
 
 def confusion(kind, split, suffix):
@@ -34,6 +39,10 @@ def confusion(kind, split, suffix):
 MISCLASSIFIED = {kind: f"plots/misclassified_{kind}_val.png" for kind in KINDS}
 
 PREDICTIONS = "predictions.csv"
+
+# The exported CNN and its model card: committed (cache: false), so a fresh clone classifies.
+RELEASE_ONNX = "release/fer_cnn.onnx"
+RELEASE_CARD = "release/model_card.json"
 
 SALIENCY_FACES = "plots/saliency_faces.png"
 SALIENCY_CNN_VS_DNN = "plots/saliency_cnn_vs_dnn.png"

@@ -99,3 +99,25 @@ def message(text):
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center")
     return fig
+
+
+def reliability_diagram(curves, summary):
+    """Accuracy against confidence per bin, before and after temperature scaling, one panel
+    per split. curves: {split: (bins before, bins after)} as evaluation.reliability gives."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4.6), squeeze=False)
+    t = summary["temperature"]
+    for ax, (name, (before, after)) in zip(axes[0], curves.items()):
+        for rows, style, label in (
+                (before, "o-", f"as trained: ECE {summary[name]['ece']:.3f}"),
+                (after, "s-", f"temperature {t:.2f}: ECE {summary[name]['ece_calibrated']:.3f}")):
+            kept = [r for r in rows if r["count"]]
+            ax.plot([r["confidence"] for r in kept], [r["accuracy"] for r in kept], style,
+                    label=label)
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top probability), bin mean")
+        ax.set_ylabel("accuracy in the bin")
+        ax.set_title(f"CNN reliability on {name}")
+        ax.legend(fontsize=8, loc="upper left")
+    return fig

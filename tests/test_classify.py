@@ -1,0 +1,297 @@
+"""ferpipe classify on real photographs (scikit-image ships them inside its wheel), a photo
+with no face, FER2013-sized crops without detection, a folder of awkward files, a video,
+and the choice of model. The model is an untrained tiny CNN: these tests check the faces,
+the rows and the files, not the emotions."""
+import csv
+import importlib
+import importlib.resources
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ferpipe import EMOTIONS, classify, faces, files, infer, models, release, synthetic
+
+from conftest import save_tiny_cnn, tiny_runtime
+
+# Real photographs in scikit-image's wheel (skimage/data/*, not fetched by pooch).
+PHOTOS = importlib.resources.files("skimage") / "data"
+ASTRONAUT = PHOTOS / "astronaut.png"   # Eileen Collins, one frontal face
+NO_FACE = PHOTOS / "coffee.png"        # a cup of coffee
+# Her face, in the 512x512 photo: both eyes and the mouth lie inside any box on the face.
+EYES_AND_MOUTH = [(205, 100), (245, 100), (225, 140)]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "cnn.pt"
+    save_tiny_cnn(path)
+    return path
+
+
+def run(capsys, *args):
+    """classify in this process: (exit status, stdout, stderr)."""
+    status = classify.run([str(a) for a in args])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def on_the_face(row, points=EYES_AND_MOUTH):
+    x, y, w, h = (int(row[k]) for k in "xywh")
+    return all(x <= px < x + w and y <= py < y + h for px, py in points) and 60 <= w <= 160
+
+
+def test_the_photos_ship_inside_the_package():
+    assert ASTRONAUT.is_file() and NO_FACE.is_file()
+
+
+def test_a_photograph_has_exactly_one_face_with_the_box_on_it(model_path, tmp_path, capsys):
+    status, _, err = run(capsys, ASTRONAUT, "--model", model_path, "--out", tmp_path)
+    assert status == 0, err
+    rows = read_rows(tmp_path / "faces.csv")
+    assert len(rows) == 1 and rows[0]["status"] == "ok"
+    assert on_the_face(rows[0])
+    probs = [float(rows[0][e]) for e in EMOTIONS]
+    assert sum(probs) == pytest.approx(1, abs=1e-5)
+    assert rows[0]["label"] == EMOTIONS[int(np.argmax(probs))] == EMOTIONS[int(rows[0]["label_index"])]
+    assert list(rows[0]) == classify.COLUMNS
+    annotated = Image.open(tmp_path / "annotated" / "astronaut.png")
+    assert annotated.size == (512, 512)
+    assert re.search(r"model .*cnn\.pt \(torch", err)  # says which model it used
+    assert err.strip().splitlines()[-1].startswith("classify: 1 files, 1 faces, 0 files without a face, 0 errors")
+
+
+def test_a_photo_without_a_face_gives_a_row_that_says_so(model_path, capsys):
+    status, out, err = run(capsys, NO_FACE, "--model", model_path)
+    assert status == 0 and "error:" not in err
+    rows = list(csv.DictReader(io.StringIO(out)))  # no --out: rows on stdout
+    assert [r["status"] for r in rows] == ["no face"] and rows[0]["label"] == ""
+    assert "0 faces, 1 files without a face, 0 errors" in err
+    assert "--no-detect" not in err  # a photo: no hint about crops
+
+
+def test_small_crops_without_no_detect_get_a_hint(model_path, tmp_path, capsys):
+    Image.fromarray(synthetic.make_faces(1, seed=0)[0][0]).save(tmp_path / "face.png")
+    status, out, err = run(capsys, tmp_path / "face.png", "--model", model_path)
+    assert status == 0 and "no face" in out and "for face crops use --no-detect" in err
+
+
+def test_no_detect_gives_evaluates_single_crop_predictions(model_path, tmp_path, capsys):
+    """FER2013-sized faces as PNG files, each taken whole: the labels are those evaluate's
+    single-crop scoring gives, and the probabilities those of the calibrated network."""
+    x, _ = synthetic.make_faces(6, seed=3)
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for i, face in enumerate(x):
+        Image.fromarray(face).save(folder / f"{i:03d}.png")
+    model, ckpt = models.load(model_path)
+    rt = tiny_runtime(precision="fp32")
+    single = infer.predict(model, x, ckpt["input_size"], "none", rt)  # evaluate's single crop
+    calibration = model_path.with_name("calibration.json")
+    files.write_json(calibration, {"model_sha256": files.sha256(model_path), "temperature": 1.7,
+                                   "tta": "tencrop"})
+    try:
+        status, out, err = run(capsys, folder, "--no-detect", "--tta", "none", "--precision",
+                               "fp32", "--model", model_path)
+    finally:
+        calibration.unlink()
+    assert status == 0, err
+    assert "temperature 1.700" in err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["source"] for r in rows] == [str(folder / f"{i:03d}.png") for i in range(len(x))]
+    assert [int(r["label_index"]) for r in rows] == list(single.argmax(1))
+    assert all((r["x"], r["y"], r["w"], r["h"]) == ("0", "0", "48", "48") for r in rows)
+    calibrated = infer.predict(model, x, ckpt["input_size"], "none", rt, temperature=1.7)
+    got = np.array([[float(r[e]) for e in EMOTIONS] for r in rows])
+    assert np.abs(got - calibrated).max() <= 1e-5
+
+
+def _jpeg(img, **kw):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92, **kw)
+    return buf.getvalue()
+
+
+def mixed_folder(root):
+    """Every kind of file a user's folder holds; returns the names that must fail."""
+    photo = Image.open(ASTRONAUT).convert("RGB")
+    (root / "sub").mkdir(parents=True)
+    photo.save(root / "good.jpg", quality=92)
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "sub" / "palette.png")
+    photo.convert("L").save(root / "sub" / "gray.webp")
+    photo.save(root / "sub" / "photo.bmp")
+    photo.save(root / "sub" / "photo.tiff")
+    data = _jpeg(photo)
+    (root / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    (root / "text.png").write_text("not a picture\n")
+    # 16-bit gray over the whole range: clipped to 8 bits it would be white, with no face.
+    deep = np.asarray(photo.convert("L")).astype(np.uint16) * 257
+    Image.fromarray(deep).save(root / "deep16.png")
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(255)
+    rgba.save(root / "rgba.png")
+    photo.convert("CMYK").save(root / "cmyk.jpg", quality=92)
+    # Stored on its side (rotated 90 degrees anticlockwise); EXIF orientation 6 tells a viewer
+    # to turn it clockwise, upright again.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.rotate(90, expand=True).save(root / "rotated.jpg", quality=92, exif=exif)
+    (root / "notes.txt").write_text("a file that is no picture, skipped in a folder\n")
+    (root / ".hidden.jpg").write_bytes(b"resource fork")
+    return {"truncated.jpg", "text.png"}
+
+
+def test_a_folder_of_mixed_files(model_path, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    bad = mixed_folder(folder)
+    assert Image.open(folder / "deep16.png").mode.startswith("I")
+    assert Image.open(folder / "cmyk.jpg").mode == "CMYK"
+    status, _, err = run(capsys, folder, "--model", model_path, "--out", tmp_path / "out")
+    assert status == 1  # some files failed; all the others ran
+    rows = {r["source"].split("/photos/")[1]: r for r in read_rows(tmp_path / "out" / "faces.csv")}
+    assert set(rows) == {"good.jpg", "truncated.jpg", "text.png", "deep16.png", "rgba.png",
+                         "cmyk.jpg", "rotated.jpg", "sub/palette.png", "sub/gray.webp",
+                         "sub/photo.bmp", "sub/photo.tiff"}
+    for name in bad:
+        assert rows[name]["status"].startswith("error: cannot be read as an image")
+        assert re.search(rf"^error: \S*photos/{name}: cannot be read as an image", err, re.M)
+    for name, row in rows.items():
+        if name not in bad:
+            assert row["status"] == "ok" and on_the_face(row), name  # upright, as a viewer shows it
+            assert (tmp_path / "out" / "annotated" / "photos" / name).is_file()
+    assert Image.open(tmp_path / "out" / "annotated" / "photos" / "rotated.jpg").size == (512, 512)
+    assert err.strip().splitlines()[-1].startswith(
+        "classify: 11 files, 9 faces, 0 files without a face, 2 errors, "
+        "1 folder entries skipped (not images or videos)")
+
+
+def test_reading_every_mode_gives_the_same_gray(tmp_path):
+    photo = Image.open(ASTRONAUT).convert("RGB")
+    want = np.asarray(photo.convert("L")).astype(int)
+    deep = Image.fromarray(want.astype(np.uint16) * 257)
+    for img in (photo.convert("L"), photo.convert("RGBA"), deep, photo.convert("I")):
+        gray, rgb = faces.picture(img)
+        assert gray.dtype == np.uint8 and rgb.mode == "RGB"
+        assert np.abs(gray.astype(int) - want).max() <= 1
+    transparent = Image.new("LA", (4, 4), (0, 0))
+    assert (faces.picture(transparent)[0] == 255).all()  # shown on white
+
+
+def test_a_video_every_nth_frame(model_path, tmp_path, capsys):
+    import cv2
+
+    photo = cv2.cvtColor(np.asarray(Image.open(ASTRONAUT).convert("RGB")), cv2.COLOR_RGB2BGR)
+    blank = np.full_like(photo, 128)
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (512, 512))
+    for i in range(12):
+        writer.write(photo if i < 8 else blank)  # a face for 8 frames, then none
+    writer.release()
+    video = faces.Video(path, every=3)
+    assert [i for i, _ in video] == [0, 3, 6, 9] and video.frames == 12
+    status, _, err = run(capsys, path, "--every", "3", "--model", model_path, "--out", tmp_path / "out")
+    assert status == 0, err
+    rows = read_rows(tmp_path / "out" / "faces.csv")
+    assert [(r["frame"], r["status"]) for r in rows] == [("0", "ok"), ("3", "ok"), ("6", "ok"),
+                                                        ("9", "no face")]
+    assert all(on_the_face(r) for r in rows[:3])
+    assert "4 video frames classified" in err and "1 files, 3 faces" in err
+    annotated = cv2.VideoCapture(str(tmp_path / "out" / "annotated" / "clip.avi.mp4"))
+    assert annotated.get(cv2.CAP_PROP_FRAME_COUNT) == 4
+    (tmp_path / "bad.mp4").write_text("no video\n")
+    status, _, err = run(capsys, tmp_path / "bad.mp4", "--model", model_path)
+    assert status == 1 and re.search(r"^error: \S*bad.mp4: ", err, re.M)
+
+
+def test_a_large_folder_streams_its_rows_and_shows_progress(model_path, tmp_path, capsys,
+                                                             monkeypatch):
+    """Each file's rows are on disk before the next file is read, so nothing accumulates."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    x, _ = synthetic.make_faces(6, seed=0)
+    for i, face in enumerate(x):
+        Image.fromarray(face).save(folder / f"{i:04d}.png")
+    out = tmp_path / "out"
+    read = faces.read_image
+    seen = []
+
+    def checked_read(path):
+        written = len(read_rows(out / "faces.csv")) if seen else 0
+        assert written == len(seen)  # every earlier file's row is already written
+        seen.append(path)
+        return read(path)
+
+    monkeypatch.setattr(faces, "read_image", checked_read)
+    monkeypatch.setattr(classify, "PROGRESS_SECONDS", 0.0)
+    status, _, err = run(capsys, folder, "--no-detect", "--tta", "none", "--model", model_path,
+                         "--out", out)
+    assert status == 0 and len(seen) == len(x)
+    assert len(re.findall(r"^classify: \d+ files \([\d.]+/s\)", err, re.M)) >= len(x)
+
+
+def test_json_rows_and_a_missing_file(model_path, tmp_path, capsys):
+    status, _, err = run(capsys, ASTRONAUT, tmp_path / "nowhere.jpg", "--format", "json",
+                         "--model", model_path, "--out", tmp_path)
+    assert status == 1
+    rows = json.loads((tmp_path / "faces.json").read_text())
+    assert [r["status"] for r in rows] == ["ok", "error: not found"]
+    assert list(rows[0]) == classify.COLUMNS and rows[0]["label"] in EMOTIONS
+    assert f"error: {tmp_path / 'nowhere.jpg'}: not found" in err
+
+
+def test_the_model_used_by_default(tmp_path, monkeypatch, capsys):
+    """models/cnn.pt when the pipeline built it, else the release; neither is a clear error."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(release, "ROOT", tmp_path)
+    status, _, err = run(capsys, ASTRONAUT)
+    assert status == 2 and "no model" in err and "release/fer_cnn.onnx" in err
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / "fer_cnn.onnx").write_bytes(b"graph")
+    assert release.locate() == (tmp_path / "release" / "fer_cnn.onnx", "onnx")
+    save_tiny_cnn(tmp_path / "models" / "cnn.pt")
+    assert release.locate() == (tmp_path / "models" / "cnn.pt", "torch")
+    assert release.locate(backend="onnx")[1] == "onnx"
+    assert release.locate("x.onnx") == (release.Path("x.onnx"), "onnx")
+
+
+def test_the_console_script_is_declared():
+    from conftest import ROOT
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, func = scripts["ferpipe"].split(":")
+    assert callable(getattr(importlib.import_module(module), func))
+
+
+@pytest.mark.slow
+def test_ten_thousand_images(model_path, tmp_path, capsys, monkeypatch):
+    """10,000 pictures: progress on the way, one row each, and memory that does not grow
+    with the folder (held all at once, their decoded pixels alone would take ~280 MB)."""
+    import resource
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    base = np.asarray(Image.open(ASTRONAUT).convert("RGB").resize((96, 96)))
+    for i in range(10_000):
+        shifted = np.roll(base, int(rng.integers(0, 96)), axis=1)
+        Image.fromarray(shifted).save(folder / f"{i:05d}.jpg", quality=80)
+    run(capsys, folder / "00000.jpg", "--no-detect", "--model", model_path)  # warm up
+    monkeypatch.setattr(classify, "PROGRESS_SECONDS", 1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    status, out, err = run(capsys, folder, "--no-detect", "--tta", "none", "--model", model_path)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert status == 0, err
+    assert len(list(csv.DictReader(io.StringIO(out)))) == 10_000
+    assert re.search(r"^classify: [\d,]+ files \([\d.]+/s\)", err, re.M)
+    assert "classify: 10,000 files, 10,000 faces" in err
+    assert grown_mib < 100, f"memory grew by {grown_mib:.0f} MiB"
