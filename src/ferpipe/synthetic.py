@@ -94,43 +94,34 @@ def _pixels(img):
     return " ".join(map(str, img.reshape(-1).tolist()))
 
 
-def write_fer2013_csv(path, parts):
-    """parts: {usage: (images, labels)} -> fer2013.csv with emotion,pixels,Usage."""
+def _write_rows(path, header, rows):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["emotion", "pixels", "Usage"])
-        for usage, (images, labels) in parts.items():
-            for img, lab in zip(images, labels):
-                w.writerow([int(lab), _pixels(img), usage])
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def write_fer2013_csv(path, parts):
+    """parts: {usage: (images, labels)} -> fer2013.csv with emotion,pixels,Usage."""
+    _write_rows(path, ["emotion", "pixels", "Usage"],
+                ([int(lab), _pixels(img), usage] for usage, (images, labels) in parts.items()
+                 for img, lab in zip(images, labels)))
 
 
 def write_course_csv(folder, train, test_images):
     folder = Path(folder)
-    with open(folder / "train.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["label", "feature"])
-        for img, lab in zip(*train):
-            w.writerow([int(lab), _pixels(img)])
-    with open(folder / "test.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "feature"])
-        for i, img in enumerate(test_images):
-            w.writerow([i, _pixels(img)])
+    _write_rows(folder / "train.csv", ["label", "feature"],
+                ([int(lab), _pixels(img)] for img, lab in zip(*train)))
+    _write_rows(folder / "test.csv", ["id", "feature"],
+                ([i, _pixels(img)] for i, img in enumerate(test_images)))
 
 
 def write_kaggle_csv(folder, train, test_images):
     """The Kaggle competition's train.csv (emotion,pixels) and unlabelled test.csv (pixels)."""
     folder = Path(folder)
-    with open(folder / "train.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["emotion", "pixels"])
-        for img, lab in zip(*train):
-            w.writerow([int(lab), _pixels(img)])
-    with open(folder / "test.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["pixels"])
-        for img in test_images:
-            w.writerow([_pixels(img)])
+    _write_rows(folder / "train.csv", ["emotion", "pixels"],
+                ([int(lab), _pixels(img)] for img, lab in zip(*train)))
+    _write_rows(folder / "test.csv", ["pixels"], ([_pixels(img)] for img in test_images))
 
 
 def write_icml_csv(path, parts):
