@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from ferpipe import EMOTIONS, classify, export, faces, files, infer, release, synthetic
 from ferpipe.errors import FerPipeError

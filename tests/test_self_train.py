@@ -11,7 +11,7 @@ import ferpipe.train
 from ferpipe import NUM_CLASSES, models, params, selftrain, synthetic, train
 from ferpipe.errors import FerPipeError
 
-from conftest import ROOT, TINY_CNN, TINY_RUNTIME, TINY_TRAIN, tiny_runtime
+from conftest import ROOT, TINY_CNN, TINY_TRAIN, tiny_runtime
 
 ST = {"unlabeled_fraction": 0.75, "seed": 0, "rounds": 3, "threshold": 0.8, "class_cap": 0.0,
       "include_unlabelled": True, "retrain": "scratch", "epochs": 0, "tta": "none"}

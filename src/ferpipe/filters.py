@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FerPipeError
+from .infer import device_of
 from .params import PARAMS_FILE, integer, list_of, number, string
-from .probe import GREY, conv_layers, device_of, feature_layers, layer_outputs, model_input, probing
+from .probe import GREY, conv_layers, feature_layers, layer_outputs, model_input, probing
 
 SCHEMA = {
     "layers": list_of(string(), min_len=1),     # names as in model.named_modules()

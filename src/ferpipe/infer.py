@@ -70,6 +70,11 @@ def hardware(device):
             "native_bf16": native_bf16(device)}
 
 
+def device_of(model):
+    """The device a torch network's weights are on."""
+    return next(model.parameters()).device
+
+
 def set_threads(threads):
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
@@ -153,7 +158,7 @@ def predict_proba(model, images, crop, tta="none", batch_size=512, precision="fp
     (release.OnnxModel), so classify's two backends share the views and the averaging.
     `temperature` divides a torch network's outputs (an exported graph holds its own)."""
     if isinstance(model, torch.nn.Module):
-        device = device or next(model.parameters()).device
+        device = device or device_of(model)
         probs_of = _network(model, precision, device, temperature)
     else:
         device, probs_of = torch.device("cpu"), model.probs

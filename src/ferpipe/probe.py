@@ -11,9 +11,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from .infer import center_crop
 from .errors import FerPipeError
-from .infer import to_float
+from .infer import center_crop, device_of, to_float
 from .params import PARAMS_FILE
 
 GREY = 0.5  # what "greyed out" pixels and the ascent's decay move towards
@@ -33,10 +32,6 @@ def probing(model):
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
         model.train(was_training)
-
-
-def device_of(model):
-    return next(model.parameters()).device
 
 
 def model_input(images, crop, device):

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from . import EMOTIONS, NUM_CLASSES
-from .infer import center_crop
+from .infer import center_crop, device_of
 from .errors import FerPipeError
 from .params import choice, integer, number, string
-from .probe import conv_layers, device_of, feature_layers, model_input, probing
+from .probe import conv_layers, feature_layers, model_input, probing
 
 SCHEMA = {
     "per_class": integer(lo=1, hi=20),          # validation faces per class in the face figures

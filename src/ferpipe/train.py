@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import NUM_CLASSES, augment, distributed, runtime
 from .errors import FerPipeError
 from .files import load_torch, save_torch
-from .infer import autocast, channels_last, predict_proba
+from .infer import autocast, channels_last, device_of, predict_proba
 from .params import boolean, choice, integer, number, section
 
 SCHEMA = {
@@ -285,10 +285,6 @@ def fingerprint(*parts):
     for p in parts:
         h.update(p.tobytes() if isinstance(p, np.ndarray) else json.dumps(p, sort_keys=True).encode())
     return h.hexdigest()
-
-
-def device_of(model):
-    return next(model.parameters()).device
 
 
 def rank_random_states(device):
