@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 SHARED_ZIP := ../shared/data/fer2013-train-publictest.zip
 
-.PHONY: install test test-fast demo gpu-check run data clean-demo
+.PHONY: install test test-fast demo gpu-check run data clean-demo report
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ data:
 
 run: install data
 	dvc repro
+
+# One self-contained HTML page of the run in this folder (after dvc repro): report.html,
+# git-ignored, viewable offline (images inlined, no scripts).
+report: install
+	$(PY) -m ferpipe.report --out report.html
 
 clean-demo:
 	rm -rf demo
