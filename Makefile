@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED_ZIP)),)
 export FER2013_ZIP ?= $(abspath $(SHARED_ZIP))
 endif
 
-.PHONY: install test test-fast demo gpu-check run data clean-demo
+.PHONY: install test test-fast demo gpu-check run data clean-demo report
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ data:
 
 run: install data
 	dvc repro
+
+# One self-contained HTML page of the run in this folder (after dvc repro): report.html,
+# git-ignored, viewable offline (images inlined, no scripts).
+report: install
+	$(PY) -m ferpipe.report --out report.html
 
 clean-demo:
 	rm -rf demo
