@@ -5,8 +5,13 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 SHARED_ZIP := ../shared/data/fer2013-train-publictest.zip
+# tests/test_real_data.py runs on the shared FER2013 archive when it is there (as in CI);
+# FER2013_ZIP=/path/to/archive.zip make test points it elsewhere.
+ifneq ($(wildcard $(SHARED_ZIP)),)
+export FER2013_ZIP ?= $(abspath $(SHARED_ZIP))
+endif
 
-.PHONY: install test test-fast demo gpu-check run data clean-demo
+.PHONY: install test test-fast demo gpu-check run data clean-demo report
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +49,11 @@ data:
 
 run: install data
 	dvc repro
+
+# One self-contained HTML page of the run in this folder (after dvc repro): report.html,
+# git-ignored, viewable offline (images inlined, no scripts).
+report: install
+	$(PY) -m ferpipe.report --out report.html
 
 clean-demo:
 	rm -rf demo

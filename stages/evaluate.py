@@ -15,6 +15,7 @@ IN_MODELS = paths.MODEL
 IN_TRAIN_METRICS = paths.TRAIN_METRICS
 IN_HISTORY = paths.HISTORY
 OUT_METRICS = paths.EVALUATE_METRICS
+OUT_DETAIL = paths.EVALUATE_DETAIL
 OUT_PER_CLASS = paths.PER_CLASS
 OUT_COMPARISON = paths.COMPARISON
 OUT_CURVES = paths.TRAINING_CURVES
@@ -54,7 +55,8 @@ def main():
                 IN_MODELS[kind], files.sha256(IN_MODELS[kind]), summary[kind])
     summary["comparison"] = evaluation.comparison(summary)
     summary["runtime"] = runtime.record(rt)
-    outputs.update({OUT_METRICS: summary, OUT_PER_CLASS: per_class,
+    outputs.update({OUT_METRICS: evaluation.headline(summary), OUT_DETAIL: summary,
+                    OUT_PER_CLASS: per_class,
                     OUT_COMPARISON: evaluation.comparison_table(summary),
                     OUT_CURVES: plots.training_curves({k: pd.read_csv(v) for k, v in IN_HISTORY.items()})})
     files.write_outputs(outputs)

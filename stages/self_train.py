@@ -7,7 +7,11 @@ from ferpipe.errors import run_stage
 IN_SPLITS = paths.SPLITS
 OUT_MODEL = paths.SELF_TRAIN_MODEL
 OUT_METRICS = paths.SELF_TRAIN_METRICS
+OUT_DETAIL = paths.SELF_TRAIN_DETAIL
 OUT_ROUNDS = paths.SELF_TRAIN_ROUNDS
+OUT_LIVE_STEPS = paths.LIVE_STEPS["self_train"]  # written by DVCLive round by round
+OUT_LIVE_SUMMARY = paths.LIVE_SUMMARY["self_train"]
+LIVE = paths.LIVE["self_train"]
 RESUME_PREFIX = paths.SELF_TRAIN_RESUME
 
 
@@ -18,7 +22,7 @@ def main():
     arch, training, st = models.resolve_cnn_config(p["cnn"]), p["train"], p["self_train"]
     splits = files.load_npz(IN_SPLITS, "data splits")
     result = selftrain.run(lambda: models.FerCNN(arch, training["crop"]), splits, training, st,
-                           rt, RESUME_PREFIX, IN_SPLITS)
+                           rt, RESUME_PREFIX, IN_SPLITS, LIVE)
     model = models.FerCNN(arch, training["crop"])
     model.load_state_dict(result["state"])
     if not distributed.is_main():  # rank 0 alone writes
@@ -27,7 +31,8 @@ def main():
     files.write_outputs({
         OUT_MODEL: models.checkpoint(model, "cnn", arch, training["crop"],
                                      selftrain.checkpoint_meta(result)),
-        OUT_METRICS: m, OUT_ROUNDS: selftrain.rounds_table(result)})
+        OUT_METRICS: selftrain.headline(m), OUT_DETAIL: m,
+        OUT_ROUNDS: selftrain.rounds_table(result)})
     files.remove(result["resume_files"])  # finished: a later run must start afresh
     base, best = m["baseline"]["test"]["accuracy"], m["self_trained"]["test"]["accuracy"]
     test = ("n/a (no labelled test set)" if m["gain"] is None else

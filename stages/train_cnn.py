@@ -8,7 +8,10 @@ OUT_MODEL = paths.MODEL["cnn"]
 OUT_METRICS = paths.TRAIN_METRICS["cnn"]
 OUT_HISTORY = paths.HISTORY["cnn"]
 OUT_LAYER_TABLE = paths.LAYER_TABLE["cnn"]
+OUT_LIVE_STEPS = paths.LIVE_STEPS["cnn"]  # written by DVCLive as training goes
+OUT_LIVE_SUMMARY = paths.LIVE_SUMMARY["cnn"]
 RESUME = paths.RESUME["cnn"]
+LIVE = paths.LIVE["cnn"]
 
 
 def main():
@@ -18,7 +21,8 @@ def main():
     arch, training = models.resolve_cnn_config(p["cnn"]), p["train"]
     splits = files.load_npz(IN_SPLITS, "data splits")
     result = train.run("cnn", lambda: models.FerCNN(arch, training["crop"]), arch, splits,
-                       training, rt, RESUME, p["ensemble"]["members"])
+                       training, rt, RESUME, p["ensemble"]["members"],
+                       live_dir=LIVE)
     if distributed.is_main():  # the only process that writes
         files.write_outputs({OUT_MODEL: result["checkpoint"], OUT_METRICS: result["metrics"],
                              OUT_HISTORY: result["history"], OUT_LAYER_TABLE: result["summary"]})

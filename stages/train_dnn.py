@@ -8,7 +8,10 @@ OUT_MODEL = paths.MODEL["dnn"]
 OUT_METRICS = paths.TRAIN_METRICS["dnn"]
 OUT_HISTORY = paths.HISTORY["dnn"]
 OUT_LAYER_TABLE = paths.LAYER_TABLE["dnn"]
+OUT_LIVE_STEPS = paths.LIVE_STEPS["dnn"]  # written by DVCLive as training goes
+OUT_LIVE_SUMMARY = paths.LIVE_SUMMARY["dnn"]
 RESUME = paths.RESUME["dnn"]
+LIVE = paths.LIVE["dnn"]
 
 
 def main():
@@ -22,7 +25,7 @@ def main():
     splits = files.load_npz(IN_SPLITS, "data splits")
     config = {**p["dnn"], "widths": widths}
     result = train.run("dnn", lambda: models.build("dnn", config, training["crop"]), config,
-                       splits, training, rt, RESUME)
+                       splits, training, rt, RESUME, live_dir=LIVE)
     if distributed.is_main():  # the only process that writes
         files.write_outputs({OUT_MODEL: result["checkpoint"], OUT_METRICS: result["metrics"],
                              OUT_HISTORY: result["history"], OUT_LAYER_TABLE: result["summary"]})

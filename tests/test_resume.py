@@ -1,6 +1,7 @@
 """Reproducibility and interruption: the same seed gives the same model, and a training run
 killed with SIGKILL in the middle of an epoch resumes from its last checkpoint and ends
 exactly where an uninterrupted run ends (timings aside)."""
+import io
 import json
 import os
 import queue
@@ -47,16 +48,26 @@ def copy_of(template, tmp_path, name):
     return ws
 
 
+def live_steps(ws):
+    """DVCLive's step files and summary, by path."""
+    live = ws.path / "dvclive/train_cnn"
+    return {str(p.relative_to(live)): p.read_text() for p in sorted(live.rglob("*")) if p.is_file()}
+
+
 def result(ws):
-    """What a finished run leaves, minus timings: metrics, history and weights."""
+    """What a finished run leaves, minus timings: metrics, history, weights, DVCLive's steps."""
     metrics = json.loads((ws.path / "metrics/train_cnn.json").read_text())
     history = pd.read_csv(ws.path / "plots/train_cnn.csv").drop(columns=HISTORY_TIMING)
     ckpt = torch.load(ws.path / "models/cnn.pt", weights_only=True)
-    return {k: v for k, v in metrics.items() if k not in TIMING}, history, ckpt
+    return {k: v for k, v in metrics.items() if k not in TIMING}, history, ckpt, live_steps(ws)
 
 
 def assert_same_result(a, b):
-    (metrics_a, hist_a, ckpt_a), (metrics_b, hist_b, ckpt_b) = a, b
+    (metrics_a, hist_a, ckpt_a, live_a), (metrics_b, hist_b, ckpt_b, live_b) = a, b
+    # Every epoch once, in order, as in an uninterrupted run (no timestamps are logged).
+    steps = pd.read_csv(io.StringIO(live_a["plots/metrics/cnn/val_accuracy.tsv"]), sep="\t")
+    assert list(steps["step"]) == list(range(1, EPOCHS + 1))
+    assert live_a == live_b
     assert metrics_a == metrics_b
     pd.testing.assert_frame_equal(hist_a, hist_b, check_exact=True)
     assert ckpt_a["meta"] == ckpt_b["meta"] and ckpt_a["config"] == ckpt_b["config"]

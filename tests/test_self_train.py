@@ -110,7 +110,7 @@ def test_hidden_labels_never_reach_the_trainer(monkeypatch, tiny):
                 {"best_epoch": 1, "best_val_accuracy": 0.5, "train_minutes": 0.0})
 
     def fake_predict(model, images, crop, tta="none", batch_size=512, precision="fp32",
-                     device=None, temperature=1.0):
+                     device=None, temperature=1.0, progress=None):
         # More confident after each fit: base + 10 points per round trained so far.
         conf = np.minimum(images[:, 0, 3] / 100 + 0.1 * (len(fits) - 1), 1.0)
         probs = np.repeat(((1 - conf) / (NUM_CLASSES - 1))[:, None], NUM_CLASSES, 1)

@@ -26,6 +26,11 @@ DEMO_PARAMS = {
     "self_train": {"epochs": 0},  # 0 = follow train.epochs
 }
 
+# `dvc plots show` / `diff` fill this page, which carries vega, vega-lite and vega-embed
+# (vendor/vega/README.md), instead of DVC's, which loads them from a CDN. DVC resolves a
+# relative path against .dvc/; the project's .dvc/config holds the same value.
+PLOTS_TEMPLATE = "../vendor/vega/offline.html"
+
 
 def merge(dst, src):
     for k, v in src.items():
@@ -56,7 +61,7 @@ def create(dest, overrides, form="fer2013_csv", train_per_class=400, test_per_cl
     dest.mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(ROOT / name, dest / name)
-    for name in ("stages", "src"):
+    for name in ("stages", "src", "vendor"):
         shutil.copytree(ROOT / name, dest / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = merge(yaml.safe_load((dest / "params.yaml").read_text()), overrides)
@@ -65,11 +70,19 @@ def create(dest, overrides, form="fer2013_csv", train_per_class=400, test_per_cl
     git(dest, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True,
                    env=env_for(dest))
-    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=dest,
-                   check=True, env=env_for(dest))
+    for key, value in (("core.analytics", "false"), ("plots.html_template", PLOTS_TEMPLATE)):
+        subprocess.run([sys.executable, "-m", "dvc", "config", key, value], cwd=dest,
+                       check=True, env=env_for(dest))
     git(dest, "add", "-A")
     git(dest, "commit", "-q", "-m", "synthetic demo workspace")
     return dest
+
+
+def commit_baseline(dest):
+    """Commit the run (dvc.lock, metrics, plots, release): `dvc metrics diff` and `dvc exp
+    show` then compare an experiment with it, and `dvc exp run` cannot overwrite it."""
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "baseline: dvc repro on the synthetic faces")
 
 
 def dvc(dest, *args, check=True, capture=False):
@@ -85,10 +98,18 @@ def main():
     dest = create(a.dest, DEMO_PARAMS)
     print(f"demo: synthetic faces written to {dest / 'data/raw'}; running dvc repro there", flush=True)
     dvc(dest, "repro")
-    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min.\n"
-          f"  metrics: {dest / 'metrics'}  (cd {dest} && dvc metrics show)\n"
-          f"  plots:   {dest / 'plots'}  (cd {dest} && dvc plots show, then open dvc_plots/index.html)\n"
-          f"  predictions: {dest / 'predictions.csv'}", flush=True)
+    commit_baseline(dest)
+    venv = Path(sys.executable).parent
+    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; the run is committed as the "
+          "baseline, so an experiment has something to be compared with.\n"
+          f"  first: cd {dest} && source {venv / 'activate'}  (dvc lives in this environment)\n"
+          f"  metrics: dvc metrics show\n"
+          "  an experiment: dvc exp run -S train.epochs=4, then ferpipe compare (or dvc exp show)\n"
+          "  plots:   dvc plots show, then open dvc_plots/index.html (works offline)\n"
+          "  report:  python -m ferpipe.report, then open report.html\n"
+          f"  predictions: {dest / 'predictions.csv'}\n"
+          "  the stages import the demo's own src/ (PYTHONPATH=src in dvc.yaml): edit it there",
+          flush=True)
 
 
 if __name__ == "__main__":

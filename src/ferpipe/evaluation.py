@@ -47,13 +47,14 @@ def most_confused(cm, top=5):
              "share_of_true": round(float(r), 4)} for r, i, j in pairs[:top]]
 
 
-def tta_sweep(model, x, y, crop, modes, known, rt):
+def tta_sweep(model, x, y, crop, modes, known, rt, label="[evaluate]"):
     """Validation accuracy under each TTA mode, so infer.tta can be chosen without the test
     split; `known` holds the modes already scored. In TTA_MODES order."""
     by_tta = dict(known)
     for m in modes:
         if m not in by_tta:
-            by_tta[m] = score(y, infer.predict(model, x, crop, m, rt))["accuracy"]
+            by_tta[m] = score(y, infer.predict(model, x, crop, m, rt,
+                                               label=f"{label} val, tta {m}"))["accuracy"]
     return {m: by_tta[m] for m in infer.TTA_MODES if m in by_tta}
 
 
@@ -88,8 +89,10 @@ def evaluate_model(kind, model, crop, splits, tta, settings, rt):
                 confusion[name] = confusion_rows(y, y)
                 figures[name] = plots.message(NO_FACES[name])
             continue
-        probs = infer.predict(model, x, crop, tta, rt)
-        single = probs if tta == "none" else infer.predict(model, x, crop, "none", rt)
+        label = f"[evaluate] {kind} {name}"
+        probs = infer.predict(model, x, crop, tta, rt, label=f"{label}, tta {tta}")
+        single = (probs if tta == "none" else
+                  infer.predict(model, x, crop, "none", rt, label=f"{label}, single crop"))
         s = score(y, probs)
         summary[name] = {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"],
                          "single_crop_accuracy": score(y, single)["accuracy"], "tta": tta}
@@ -102,7 +105,8 @@ def evaluate_model(kind, model, crop, splits, tta, settings, rt):
         if name == "val":
             summary["val_accuracy_by_tta"] = tta_sweep(
                 model, x, y, crop, settings["tta_modes"],
-                {tta: s["accuracy"], "none": summary[name]["single_crop_accuracy"]}, rt)
+                {tta: s["accuracy"], "none": summary[name]["single_crop_accuracy"]}, rt,
+                f"[evaluate] {kind}")
             summary["most_confused"] = most_confused(s["confusion"])
             figures["misclassified"] = misclassified_figure(
                 kind, x, y, probs, settings["misclassified"], settings["seed"])
@@ -135,6 +139,23 @@ def comparison(summary):
     for name in SPLITS:
         if name in cnn:
             out[f"{name}_accuracy_gain_cnn_over_dnn"] = cnn[name]["accuracy"] - dnn[name]["accuracy"]
+    return out
+
+
+def headline(summary):
+    """metrics/evaluate.json, the declared metrics, short-named so that `dvc exp show` fits a
+    terminal: `val`, `test` accuracy (under infer.tta) of both networks; for the CNN `unseen`
+    (test accuracy on the faces with no copy in Training) and `f1` (test macro-F1);
+    `params`; `epoch_s`, seconds per training epoch. Every key is unique across the declared
+    metrics files, so `dvc exp show` names a column by its key alone. The full record is
+    metrics/detail/evaluate.json."""
+    out = {}
+    for kind in ("cnn", "dnn"):
+        s = summary[kind]
+        out[kind] = {name: s[name]["accuracy"] for name in SPLITS if name in s}
+        if kind == "cnn" and "test" in s:
+            out[kind].update(unseen=s["test"].get("unseen_accuracy"), f1=s["test"]["macro_f1"])
+        out[kind].update(params=s["params"], epoch_s=s["seconds_per_epoch"])
     return out
 
 
@@ -208,7 +229,8 @@ def calibrate(model, crop, splits, tta, rt):
     """Fit the temperature on validation under the views of infer.tta (what predict and
     classify average), and measure ECE and NLL before and after it on each labelled split.
     Returns the summary and the reliability diagram."""
-    logits = {name: infer.view_logits(model, splits[f"{name}_x"], crop, tta, rt)
+    logits = {name: infer.view_logits(model, splits[f"{name}_x"], crop, tta, rt,
+                                      f"[evaluate] cnn {name}, views for the temperature")
               for name in ("val", "test") if len(splits[f"{name}_y"])}
     t = fit_temperature(logits["val"], splits["val_y"])
     summary, curves = {"temperature": t, "tta": tta, "fitted_on": "val", "bins": ECE_BINS}, {}

@@ -6,6 +6,7 @@ evaluate, predict, self_train's pseudo-labels and the per-epoch validation all s
 """
 import contextlib
 import os
+import time
 
 import numpy as np
 import torch
@@ -151,12 +152,13 @@ def _network(model, precision, device, temperature):
 
 @torch.no_grad()
 def predict_proba(model, images, crop, tta="none", batch_size=512, precision="fp32", device=None,
-                  temperature=1.0):
+                  temperature=1.0, progress=None):
     """Mean softmax probability over the test-time views, as a (N, 7) float numpy array.
 
     `model` is a torch network, or a runner of an exported graph with a `probs(views)` method
     (release.OnnxModel), so classify's two backends share the views and the averaging.
-    `temperature` divides a torch network's outputs (an exported graph holds its own)."""
+    `temperature` divides a torch network's outputs (an exported graph holds its own).
+    `progress(faces done)` is called after every batch (see `Progress`)."""
     if isinstance(model, torch.nn.Module):
         device = device or device_of(model)
         probs_of = _network(model, precision, device, temperature)
@@ -168,26 +170,51 @@ def predict_proba(model, images, crop, tta="none", batch_size=512, precision="fp
         for v in views:
             probs = probs + probs_of(v)
         out.append((probs / len(views)).cpu())
+        if progress:
+            progress(sum(len(o) for o in out))
     return torch.cat(out).numpy() if out else np.zeros((0, 7), np.float32)
 
 
 @torch.no_grad()
-def view_logits(model, images, crop, tta, rt):
+def view_logits(model, images, crop, tta, rt, label=None):
     """The network's outputs for every test-time view, (N, views, 7) float32: what a
-    temperature is fitted on (evaluation.fit_temperature)."""
+    temperature is fitted on (evaluation.fit_temperature). `label`: see `predict`."""
     model.eval()
-    out = []
+    out, progress = [], label and Progress(label, len(images), rt["log_seconds"])
     for views in _view_batches(images, crop, tta, rt["batch_size"], rt["device"]):
         with autocast(rt["device"], rt["precision"]):
             out.append(torch.stack([model(channels_last(v)).float() for v in views], 1).cpu())
+        if progress:
+            progress(sum(len(o) for o in out))
     return torch.cat(out).numpy() if out else np.zeros((0, 1, 7), np.float32)
 
 
-def predict(model, images, crop, tta, rt, temperature=1.0):
+def predict(model, images, crop, tta, rt, temperature=1.0, label=None):
     """predict_proba with the batch size, precision and device of the resolved run-time
-    settings (runtime.setup): the precision that suits this machine, not the training one."""
+    settings (runtime.setup): the precision that suits this machine, not the training one.
+    With a `label`, prints progress lines every runtime.log_seconds, like training's."""
     return predict_proba(model, images, crop, tta, rt["batch_size"], rt["precision"],
-                         rt["device"], temperature)
+                         rt["device"], temperature,
+                         progress=label and Progress(label, len(images), rt["log_seconds"]))
+
+
+class Progress:
+    """`label: 1,024/3,589 faces, 410/s, ~6 s left` at most every `seconds`, and once at the
+    end: scoring thousands of faces under ten views takes minutes on a CPU."""
+
+    def __init__(self, label, total, seconds):
+        self.label, self.total, self.seconds = label, total, seconds
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done):
+        now = time.perf_counter()
+        if done < self.total and now - self.last < self.seconds:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        tail = (f"~{(self.total - done) / rate:.0f} s left" if done < self.total
+                else f"done in {now - self.start:.1f} s")
+        print(f"{self.label}: {done:,}/{self.total:,} faces, {rate:.0f}/s, {tail}", flush=True)
 
 
 def faces_to_predict(splits):

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from . import EMOTIONS, NUM_CLASSES, distributed, infer, paths, runtime, train
+from . import EMOTIONS, NUM_CLASSES, distributed, infer, live, paths, runtime, train
 from .errors import FerPipeError
 from .params import boolean, choice, integer, number
 
@@ -215,7 +215,8 @@ def _nothing_to_add(room, pool_size, threshold):
             "within the class caps")
 
 
-def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_prefix=None):
+def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_prefix=None,
+               live_dir=None):
     """The baseline and the self-training rounds. Returns a result dict (see `metrics`).
 
     `labelled`, `val` and `test` are (faces, labels); `pool` is (faces, hidden labels, -1
@@ -224,7 +225,9 @@ def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_pr
     called after seeding torch with train.seed, so the baseline and every `scratch` round
     start from the same weights. `training` is the `train:` section (self_train.epochs is
     applied here), `rt` the resolved run-time settings (runtime.setup). `resume_prefix`
-    names per-round checkpoints, so a killed run resumes where it stopped."""
+    names per-round checkpoints, so a killed run resumes where it stopped; `live_dir` the
+    DVCLive folder every round is logged to (step = round; a resumed run replays its
+    finished rounds from their checkpoints, so the log is started afresh)."""
     training = round_config(training, st)
     ceiling = 1 - training["label_smoothing"] * (NUM_CLASSES - 1) / NUM_CLASSES
     if st["threshold"] > ceiling:
@@ -242,12 +245,15 @@ def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_pr
     pseudo = np.zeros(0, np.int64)          # their predicted labels
     labelled_counts = np.bincount(labelled_y, minlength=NUM_CLASSES)
 
+    steps = live.Steps(live_dir, live.ROUND_METRICS).start() if live_dir else None
     model = rounds_of.fresh()
     best, record = rounds_of.fit(0, model, labelled_x, labelled_y, chosen, pseudo)
     states = {0: best}
     rounds = [{"round": 0, "pool_before": int(len(pool_x)), "pool_size": int(len(pool_x)),
                "added": 0, "pseudo_label_accuracy": None,
                **_trained_row(record, len(labelled_y), rounds_of.evaluate(model))}]
+    if steps:
+        steps.log({"step": 0, **rounds[0]})
     print(f"[self_train] baseline on {len(labelled_y)} labelled faces: "
           f"val {_fmt(rounds[0]['val_accuracy'])}, test {_fmt(rounds[0]['test_accuracy'])}",
           flush=True)
@@ -281,6 +287,8 @@ def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_pr
                        "pseudo_labels_total": int(len(pseudo)),
                        "pseudo_label_accuracy_total": total["accuracy"],
                        **_trained_row(record, len(y), rounds_of.evaluate(model))})
+        if steps:
+            steps.log({"step": r, **rounds[-1]})
         print(f"[self_train] round {r}: val {_fmt(rounds[-1]['val_accuracy'])}, "
               f"test {_fmt(rounds[-1]['test_accuracy'])}", flush=True)
 
@@ -311,9 +319,10 @@ def _fmt(acc):
     return "n/a" if acc is None else f"{acc:.4f}"
 
 
-def run(new_model, splits, training, st, rt, resume_prefix=None, source=paths.SPLITS):
+def run(new_model, splits, training, st, rt, resume_prefix=None, source=paths.SPLITS,
+        live_dir=None):
     """Hide labels in the training split, assemble the pool, run `self_train`. `source`
-    names the splits file in messages."""
+    names the splits file in messages; `live_dir` is the DVCLive folder of the rounds."""
     for key in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
         if key not in splits:
             raise FerPipeError(f"{source}: has no '{key}' array; run the split stage "
@@ -334,7 +343,7 @@ def run(new_model, splits, training, st, rt, resume_prefix=None, source=paths.SP
     result = self_train(new_model, (train_x[labelled], train_y[labelled]), (pool_x, hidden_y),
                         (splits["val_x"], splits["val_y"].astype(np.int64)),
                         (splits["test_x"], splits["test_y"].astype(np.int64)),
-                        training, st, rt, resume_prefix)
+                        training, st, rt, resume_prefix, live_dir)
     result.update(train_faces=int(len(train_y)), extra_unlabelled=int(n_extra))
     return result
 
@@ -371,6 +380,15 @@ def metrics(result):
         **result["runtime"],
         "rounds": rounds,
     }
+
+
+def headline(m):
+    """metrics/self_train.json, the declared metrics: test accuracy of the labelled part alone
+    and after self-training, and the gain; the full record (`metrics`) is
+    metrics/detail/self_train.json."""
+    return {"self_train": {"baseline": m["baseline"]["test"]["accuracy"],
+                           "self_trained": m["self_trained"]["test"]["accuracy"],
+                           "gain": m["gain"]}}
 
 
 ROUND_COLUMNS = ("round", "pool_size", "added", "pseudo_label_accuracy", "val_accuracy",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import NUM_CLASSES, augment, distributed, runtime
+from . import NUM_CLASSES, augment, distributed, live, runtime
 from .errors import FerPipeError
 from .files import load_torch, save_torch
 from .infer import autocast, channels_last, device_of, predict_proba
@@ -357,11 +357,12 @@ class Checkpoint:
 
 # ---------------------------------------------------------------- the loop
 
-def fit(model, train, val, training, rt, name, checkpoint=None):
+def fit(model, train, val, training, rt, name, checkpoint=None, steps=None):
     """Train `model` in place on `train` = (faces, labels), scoring on `val` every epoch.
     Returns (best-on-validation state dict, history rows, record). `training` is the
     `train:` section, `rt` the resolved run-time settings (runtime.setup), `checkpoint` a
-    `Checkpoint` to save to after every epoch and resume from."""
+    `Checkpoint` to save to after every epoch and resume from, `steps` a `live.Steps` that
+    logs every epoch through DVCLive."""
     def say(text):
         print(f"[{name}] {text}", flush=True)
 
@@ -373,11 +374,17 @@ def fit(model, train, val, training, rt, name, checkpoint=None):
     batches = Batches(*train, training, gen, device)
     opt = make_optimizer(model, training)
     sched = make_schedule(opt, training, len(batches))
+    if training["schedule"] in ("cosine", "onecycle") and training["warmup_epochs"] >= training["epochs"]:
+        say(f"warning: train.warmup_epochs ({training['warmup_epochs']}) >= train.epochs "
+            f"({training['epochs']}): the learning rate never leaves its warm-up and the run "
+            "ends near its peak; lower train.warmup_epochs for a run this short")
     loss_fn = make_loss(train[1], training, device)
     ema = EMA(model, training["ema_decay"]) if training["ema_decay"] > 0 else None
     net = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
     distributed.seed_rank(training["seed"])
     state = (checkpoint and checkpoint.restore(model, ema, opt, sched, gen, say)) or new_state()
+    if steps:
+        steps.start([{"step": h["epoch"], **h} for h in state["history"]])
 
     for epoch in range(state["epoch"] + 1, training["epochs"] + 1):
         t0 = time.perf_counter()
@@ -389,6 +396,8 @@ def fit(model, train, val, training, rt, name, checkpoint=None):
             "epoch": epoch, "train_loss": tr["train_loss"], "train_accuracy": tr["train_accuracy"],
             **row, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
             "images_per_second": tr["seen"] / tr["train_seconds"]})
+        if steps:
+            steps.log({"step": epoch, **state["history"][-1]})
         state["epoch"] = epoch
         state["train_seconds"] += tr["train_seconds"]
         state["compute_seconds"] += tr["compute_seconds"]
@@ -439,12 +448,14 @@ def fit_record(state, training, steps_per_epoch, device):
 
 # ---------------------------------------------------------------- a training stage
 
-def run(kind, make_model, config, splits, training, rt, resume_path=None, members=1):
+def run(kind, make_model, config, splits, training, rt, resume_path=None, members=1,
+        live_dir=None):
     """Everything a training stage computes: build, summarise, fit. With members > 1 it
     trains that many networks, seeded train.seed, train.seed + 1, ..., as one ensemble whose
     prediction averages their probabilities. Returns a dict: `checkpoint` (for models/),
     `metrics`, `history` (rows; an ensemble's first member), `summary` (the layer table),
-    `resume_files` (to delete once the outputs are written)."""
+    `resume_files` (to delete once the outputs are written). `live_dir`: the DVCLive folder
+    the first network's epochs are logged to."""
     from .models import Ensemble, checkpoint, count_params, format_summary, summary
 
     nets, hists, records, resumes = [], [], [], []
@@ -470,7 +481,9 @@ def run(kind, make_model, config, splits, training, rt, resume_path=None, member
         name = kind if members == 1 else f"{kind} {i + 1}/{members}"
         best, hist, record = fit(model, (splits["train_x"], splits["train_y"]),
                                  (splits["val_x"], splits["val_y"]), member, rt, name,
-                                 Checkpoint(resume, run_id) if resume else None)
+                                 Checkpoint(resume, run_id) if resume else None,
+                                 live.Steps(live_dir, live.epoch_metrics(kind))
+                                 if live_dir and i == 0 else None)
         model.load_state_dict(best)
         nets.append(model.eval())
         hists.append(hist)

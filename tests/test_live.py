@@ -1,0 +1,73 @@
+"""live.Steps: DVCLive's step files hold every epoch exactly once, even when a kill landed
+between DVCLive's write of an epoch and the checkpoint's."""
+import json
+
+import pandas as pd
+import pytest
+
+from ferpipe import live
+
+NAMES = live.epoch_metrics("cnn")
+
+
+def rows(n):
+    return [{"step": e, "train_loss": 2.0 - e / 10, "train_accuracy": e / 10, "val_loss": 2.1 - e / 10,
+             "val_accuracy": e / 20, "lr": 0.01 * e} for e in range(1, n + 1)]
+
+
+def logged(directory):
+    """{name: [(step, value), ...]} from the step files, and the summary."""
+    out = {}
+    for column, name in NAMES.items():
+        t = pd.read_csv(directory / "plots" / "metrics" / f"{name}.tsv", sep="\t")
+        out[name] = list(zip(t["step"], t[column]))
+    return out, json.loads((directory / "metrics.json").read_text())
+
+
+def uninterrupted(tmp_path, n):
+    directory = tmp_path / "reference"
+    steps = live.Steps(directory, NAMES).start()
+    for row in rows(n):
+        steps.log(row)
+    return logged(directory)
+
+
+@pytest.fixture(autouse=True)
+def outside_any_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def test_a_fresh_log_has_one_row_per_step_and_the_latest_values(tmp_path):
+    files, summary = uninterrupted(tmp_path, 3)
+    assert files["cnn/val_accuracy"] == [(1, 0.05), (2, 0.1), (3, 0.15)]
+    assert summary == {"cnn": {"train_loss": 1.7, "train_accuracy": 0.3, "val_loss": 1.8,
+                               "val_accuracy": 0.15, "lr": 0.03}, "step": 3}
+    assert not (tmp_path / "reference" / "dvc.yaml").exists()  # dvc.yaml declares them
+
+
+@pytest.mark.parametrize("log_had, checkpoint_had", [
+    (3, 2),  # killed after DVCLive wrote epoch 3, before the checkpoint of epoch 3
+    (1, 2),  # the checkpoint of epoch 2 is on disk, DVCLive's write of it was lost
+    (2, 2),  # killed inside epoch 3
+    (0, 2),  # the log is gone altogether
+])
+def test_a_resumed_log_ends_as_an_uninterrupted_one(tmp_path, log_had, checkpoint_had):
+    directory = tmp_path / "killed"
+    steps = live.Steps(directory, NAMES).start()
+    for row in rows(log_had):
+        steps.log(row)
+    if log_had == 1:  # one file lost its last row too: the files disagree
+        tsv = directory / "plots" / "metrics" / "cnn" / "lr.tsv"
+        tsv.write_text("".join(tsv.read_text().splitlines(keepends=True)[:-1]))
+    # The rerun: the checkpoint holds epochs 1..checkpoint_had, training goes on to 4.
+    steps = live.Steps(directory, NAMES).start(rows(checkpoint_had))
+    for row in rows(4)[checkpoint_had:]:
+        steps.log(row)
+    assert logged(directory) == uninterrupted(tmp_path, 4)
+
+
+def test_only_the_main_process_logs(tmp_path, monkeypatch):
+    monkeypatch.setattr(live.distributed, "is_main", lambda: False)
+    steps = live.Steps(tmp_path / "rank1", NAMES).start()
+    steps.log(rows(1)[0])
+    assert not (tmp_path / "rank1").exists()
