@@ -270,6 +270,8 @@ def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_pr
             rounds.append({**row, "skipped": True, "train_size": rounds[-1]["train_size"],
                            "val_accuracy": rounds[-1]["val_accuracy"],
                            "test_accuracy": rounds[-1]["test_accuracy"]})
+            if steps:  # a step per row of plots/self_train.csv
+                steps.log({"step": r, **rounds[-1]})
             break
         in_pool[new] = False
         chosen = np.concatenate([chosen, new])
