@@ -321,6 +321,14 @@ def test_explain_puts_a_gradcam_tile_beside_each_box(model_path, tmp_path, capsy
 
 
 def test_explain_refuses_the_onnx_backend_clearly(tmp_path, capsys):
-    status, _, err = run(capsys, ASTRONAUT, "--model", tmp_path / "fer_cnn.onnx", "--explain")
+    status, _, err = run(capsys, ASTRONAUT, "--model", tmp_path / "fer_cnn.onnx", "--explain",
+                         "--out", tmp_path / "out")
     assert status == 2
     assert err.startswith("error: --explain needs the torch model")
+
+
+def test_explain_without_out_says_where_the_maps_would_go(capsys):
+    with pytest.raises(SystemExit) as stop:
+        classify.parse_args([str(ASTRONAUT), "--explain"])
+    assert stop.value.code == 2
+    assert "--explain draws on the annotated copies: give --out DIR" in capsys.readouterr().err

@@ -235,9 +235,9 @@ def test_stages_run_end_to_end(workspace, nets, faces):
                  "filters_from_noise", "filters_from_face", "feature_maps", "conv1_kernels",
                  "dnn_first_layer"):
         assert (ws.path / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
-    sal = json.loads((ws.path / "metrics/saliency.json").read_text())
+    sal = json.loads((ws.path / "metrics/detail/saliency.json").read_text())
     assert set(sal["centre_share_cnn"]) == set(EMOTIONS)
-    fil = json.loads((ws.path / "metrics/filters.json").read_text())
+    fil = json.loads((ws.path / "metrics/detail/filters.json").read_text())
     assert list(fil["layers"]) == FILTERS["layers"]
 
     ws.set_params(filters={"layers": ["features.block1.conv1", "features.block9.conv1"]})

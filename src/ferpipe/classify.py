@@ -9,8 +9,9 @@ One row per face: source, frame (videos), face, box x,y,w,h, label, label index,
 probabilities in class order (0 angry, 1 disgust, 2 fear, 3 happy, 4 sad, 5 surprise,
 6 neutral) and a status; a picture without a face gets one row that says so. Rows stream to
 DIR/faces.csv (or .json) as each file is done, else to stdout; annotated copies go under
-DIR/annotated/ (with --explain, each face's Grad-CAM beside its box). Messages go to stderr and end in a summary line; a file that cannot be read
-is named there and the rest still run, and the exit status is 1 when any failed.
+DIR/annotated/ (with --explain, each face's Grad-CAM beside its box). Messages go to
+stderr and end in a summary line; a file that cannot be read is named there and the rest
+still run, and the exit status is 1 when any failed.
 """
 import argparse
 import csv
@@ -73,6 +74,8 @@ def parse_args(argv):
     a = ap.parse_args(argv)
     if not a.paths and a.camera is None:
         ap.error("give at least one PATH, or --camera N")
+    if a.explain and not a.out:
+        ap.error("--explain draws on the annotated copies: give --out DIR as well")
     return a
 
 
