@@ -1,10 +1,10 @@
 """Stage filters: what the CNN's filters respond to. Gradient ascent on the input (from
-noise and from a real face) for the first filters of chosen layers, the feature maps of one
+noise, for two objectives, and from a real face) for the first filters of chosen layers, the feature maps of one
 face, the first convolution's kernels and the DNN's first-layer weights as images."""
 from ferpipe import files, filters, models, params, paths, runtime
 from ferpipe.errors import run_stage
-from ferpipe.explain_figures import (dnn_weights_figure, feature_maps_figure, filters_figure,
-                                     kernels_figure)
+from ferpipe.explain_figures import (dnn_weights_figure, face_trajectory_figure,
+                                     feature_maps_figure, filters_figure, kernels_figure)
 from ferpipe.files import save_figure, write_json
 
 IN_SPLITS = paths.SPLITS
@@ -29,17 +29,20 @@ def main():
     dnn, _ = models.load(IN_DNN, device)
     res = filters.filters_study(cnn, cnn_ckpt["input_size"], dnn, splits["val_x"],
                                 splits["val_y"], p)
-    save_figure(OUT_FROM_NOISE, filters_figure(res, "noise"))
-    save_figure(OUT_FROM_FACE, filters_figure(res, "face"))
+    save_figure(OUT_FROM_NOISE, filters_figure(res))
+    save_figure(OUT_FROM_FACE, face_trajectory_figure(res))
     save_figure(OUT_FEATURE_MAPS, feature_maps_figure(res))
     save_figure(OUT_KERNELS, kernels_figure(res))
     save_figure(OUT_DNN_WEIGHTS, dnn_weights_figure(res))
     metrics = filters.filters_metrics(res)
     write_json(OUT_METRICS, metrics)
     print("filters: " + "; ".join(
-        f"{name}: {m['filters']} filters, mean activation {m['noise']['start']:.2f} -> "
-        f"{m['noise']['reached']:.2f} from noise, {m['face']['start']:.2f} -> "
-        f"{m['face']['reached']:.2f} from a face" for name, m in metrics["layers"].items()),
+        f"{name}: {m['filters']} filters, centre unit {m['centre']['start']:.2f} -> "
+        f"{m['centre']['reached']:.2f} (edge energy {m['centre']['tile_edge']:.3f}), mean "
+        f"{m['mean']['start']:.2f} -> {m['mean']['reached']:.2f} (edge energy "
+        f"{m['mean']['tile_edge']:.3f}); from the face, RMS distance "
+        f"{', '.join(map(str, m['face']['distance']))} at steps "
+        f"{', '.join(map(str, m['face']['steps']))}" for name, m in metrics["layers"].items()),
         flush=True)
 
 

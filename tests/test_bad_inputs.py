@@ -26,9 +26,9 @@ TEST = synthetic.make_faces(1, seed=1)
 OLD = 1_000_000_000  # the mtime given to planted outputs, in seconds
 
 OUTPUTS = {
-    "prepare": ["data/prepared/faces.npz", "metrics/data.json", "plots/class_distribution.png",
+    "prepare": ["data/prepared/faces.npz", "metrics/detail/data.json", "plots/class_distribution.png",
                 "plots/duplicates.png"],
-    "split": ["data/splits.npz", "metrics/split.json"],
+    "split": ["data/splits.npz", "metrics/detail/split.json"],
     "train_cnn": ["models/cnn.pt", "metrics/train_cnn.json", "plots/train_cnn.csv",
                   "plots/cnn_summary.txt", "checkpoints/cnn.resume.pt"],
 }
@@ -571,7 +571,7 @@ def good_csv_bytes():
 
 
 def report(ws):
-    return json.loads((ws.path / "metrics/data.json").read_text())
+    return json.loads((ws.path / "metrics/detail/data.json").read_text())
 
 
 @pytest.mark.parametrize("transform", [
@@ -628,13 +628,13 @@ def test_on_error_skip_keeps_going_and_lists_what_it_left_out(workspace):
     assert "Usage 'Validation'" in problems[2]
     # The same file with on_error: stop names every bad row (up to five) and writes nothing.
     workspace.set_params(prepare={"on_error": "stop"})
-    (workspace.path / "metrics/data.json").unlink()
+    (workspace.path / "metrics/detail/data.json").unlink()
     proc = workspace.run("prepare", check=False)
     assert proc.returncode == 2
     assert "3 bad row(s) or image(s) in data/raw" in proc.stderr
     for line in ("line 3", "line 5", "line 10"):
         assert f"{FER}: {line}: " in proc.stderr
-    assert not (workspace.path / "metrics/data.json").exists()
+    assert not (workspace.path / "metrics/detail/data.json").exists()
 
 
 def test_skip_mode_also_skips_bad_images(workspace):

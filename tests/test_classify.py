@@ -295,3 +295,40 @@ def test_ten_thousand_images(model_path, tmp_path, capsys, monkeypatch):
     assert re.search(r"^classify: [\d,]+ files \([\d.]+/s\)", err, re.M)
     assert "classify: 10,000 files, 10,000 faces" in err
     assert grown_mib < 100, f"memory grew by {grown_mib:.0f} MiB"
+
+
+def test_explain_puts_a_gradcam_tile_beside_each_box(model_path, tmp_path, capsys):
+    plain, explained = tmp_path / "plain", tmp_path / "explained"
+    assert run(capsys, ASTRONAUT, "--model", model_path, "--out", plain)[0] == 0
+    status, _, err = run(capsys, ASTRONAUT, "--model", model_path, "--out", explained, "--explain")
+    assert status == 0, err
+    assert read_rows(plain / "faces.csv") == read_rows(explained / "faces.csv")
+    row = read_rows(explained / "faces.csv")[0]
+    a = np.asarray(Image.open(plain / "annotated" / "astronaut.png"), np.int16)
+    b = np.asarray(Image.open(explained / "annotated" / "astronaut.png"), np.int16)
+    assert a.shape == b.shape == (512, 512, 3)
+    # The tile is the face's frame, pasted to the right of it; nothing else changes.
+    fx, fy, side, _ = faces.frame_box(tuple(int(row[k]) for k in "xywh"))
+    changed = np.abs(a - b).max(-1) > 0
+    rows, cols = np.nonzero(changed)
+    assert rows.min() >= fy and rows.max() < fy + side, (rows.min(), rows.max(), fy, side)
+    assert cols.min() >= fx + side - 1 and cols.max() < fx + 2 * side
+    assert changed[fy:fy + side, fx + side:fx + 2 * side].mean() > 0.9
+    # The tile is the gray crop the model saw, coloured only where the map is hot.
+    tile = b[fy + 2:fy + side - 2, fx + side + 2:fx + 2 * side - 2]
+    colourful = (tile.max(-1) - tile.min(-1)) > 30
+    assert 0 < colourful.mean() < 0.9
+
+
+def test_explain_refuses_the_onnx_backend_clearly(tmp_path, capsys):
+    status, _, err = run(capsys, ASTRONAUT, "--model", tmp_path / "fer_cnn.onnx", "--explain",
+                         "--out", tmp_path / "out")
+    assert status == 2
+    assert err.startswith("error: --explain needs the torch model")
+
+
+def test_explain_without_out_says_where_the_maps_would_go(capsys):
+    with pytest.raises(SystemExit) as stop:
+        classify.parse_args([str(ASTRONAUT), "--explain"])
+    assert stop.value.code == 2
+    assert "--explain draws on the annotated copies: give --out DIR" in capsys.readouterr().err

@@ -108,7 +108,8 @@ def two(template, tmp_path_factory):
 
 
 def outputs(ws):
-    return sorted(str(p.relative_to(ws.path)) for d in ("models", "metrics", "plots", "checkpoints")
+    return sorted(str(p.relative_to(ws.path)) for d in ("models", "metrics", "plots", "checkpoints",
+                                                         "dvclive")
                   for p in (ws.path / d).rglob("*") if p.is_file())
 
 
@@ -119,7 +120,8 @@ def test_two_processes_make_the_outputs_of_one(single, two):
     assert outputs(ws) == outputs(single)
     assert {"models/cnn.pt", "metrics/train_cnn.json", "plots/train_cnn.csv",
             "plots/cnn_summary.txt"} <= set(outputs(ws))
-    (m1, h1, c1), (m2, h2, c2) = result(single), result(ws)
+    (m1, h1, c1, l1), (m2, h2, c2, l2) = result(single), result(ws)
+    assert l1.keys() == l2.keys()  # DVCLive's files: rank 0 logged each step once
     assert m2.pop("processes") == 2 and m2.pop("backend") == "gloo"
     assert m1.keys() == m2.keys() and m2["epochs"] == EPOCHS
     assert list(h1.columns) == list(h2.columns) and len(h1) == len(h2) == EPOCHS
@@ -139,7 +141,7 @@ def test_only_rank_0_writes(two):
     writers = {line.split()[0] for line in writes}
     assert writers == {"0"}, "\n".join(writes)
     written = {line.split()[-1] for line in writes}
-    assert {"models/cnn.pt", "metrics/train_cnn.json"} <= written
+    assert {"models/cnn.pt", "metrics/train_cnn.json", "dvclive/train_cnn/metrics.json"} <= written
 
 
 def children(pid):

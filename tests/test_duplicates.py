@@ -246,7 +246,7 @@ def test_prepare_and_split_stages_report_and_separate_duplicates(workspace):
     n_train, n_test = plant_copies(raw)
     out = workspace.run("prepare").stdout
     assert "4 groups of identical faces" in out and "2 PublicTest faces have a copy in Training" in out
-    rep = json.loads((workspace.path / "metrics/data.json").read_text())
+    rep = json.loads((workspace.path / "metrics/detail/data.json").read_text())
     d = rep["duplicates"]
     assert d["dedupe"] == "report" and "dropped_from_train" not in d
     e = d["exact"]
@@ -270,14 +270,14 @@ def test_prepare_and_split_stages_report_and_separate_duplicates(workspace):
     assert s["private_seen"].shape == (0,)
     group_of = dict(zip(prepared["ids"], prepared["group"]))
     assert not {group_of[i] for i in s["train_ids"]} & {group_of[i] for i in s["val_ids"]}
-    counts = json.loads((workspace.path / "metrics/split.json").read_text())
+    counts = json.loads((workspace.path / "metrics/detail/split.json").read_text())
     assert counts["test"]["seen_in_training"] == 2
     assert counts["train"]["total"] + counts["val"]["total"] == n_train + 1
 
     workspace.set_params(prepare={"dedupe": "drop_from_train"})
     out = workspace.run("prepare").stdout
     assert "2 Training faces with a copy in a test split left out" in out
-    rep = json.loads((workspace.path / "metrics/data.json").read_text())
+    rep = json.loads((workspace.path / "metrics/detail/data.json").read_text())
     assert rep["duplicates"]["dropped_from_train"] == 2
     assert rep["duplicates"]["exact"]["test_faces_in_training"] == {"PublicTest": 2}  # as read
     assert rep["counts"]["Training"]["total"] == n_train + 1 - 2 and rep["faces"] == n_train + n_test + 2
@@ -290,7 +290,7 @@ def test_prepare_stage_without_duplicates_says_so_in_the_figure(workspace):
     synthetic.write_dataset(workspace.path / "data/raw", "fer2013_csv", 2, 1, seed=0)
     workspace.set_params(prepare={"near_duplicates": 0})
     workspace.run("prepare")
-    d = json.loads((workspace.path / "metrics/data.json").read_text())["duplicates"]
+    d = json.loads((workspace.path / "metrics/detail/data.json").read_text())["duplicates"]
     assert d["exact"]["groups"] == 0 and d["near"]["groups"] == 0 and d["near_pairs"] == 0
     assert (workspace.path / "plots/duplicates.png").stat().st_size > 1000
 

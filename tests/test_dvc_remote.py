@@ -68,13 +68,14 @@ def test_dvc_repro_trains_data_parallel_and_processes_change_no_hash(repo):
 
 
 def experiments(ws):
-    """{name: (train.epochs, metrics of train_cnn)} of the experiments dvc exp show lists."""
+    """{name: (train.epochs, train_cnn's DVCLive summary)} of the experiments dvc exp show
+    lists."""
     found = {}
     for rev in json.loads(demo.dvc(ws, "exp", "show", "--json", capture=True).stdout):
         for exp in rev.get("experiments") or []:
             data = exp["revs"][0]["data"]
             found[exp["name"]] = (data["params"]["params.yaml"]["data"]["train"]["epochs"],
-                                  data["metrics"]["metrics/train_cnn.json"]["data"])
+                                  data["metrics"]["dvclive/train_cnn/metrics.json"]["data"])
     return found
 
 
@@ -98,9 +99,9 @@ def swept(repo):
 
 def test_a_queued_grid_sweep_runs_every_point(swept):
     assert sorted(epochs for epochs, _ in swept.values()) == list(SWEEP)
-    for epochs, metrics in swept.values():
-        assert metrics["epochs"] == epochs and "processes" not in metrics  # 1 process
-        assert 0 <= metrics["best_val_accuracy"] <= 1
+    for epochs, summary in swept.values():
+        assert summary["step"] == epochs  # the last epoch logged
+        assert 0 <= summary["cnn"]["val_accuracy"] <= 1
 
 
 def test_pull_in_a_fresh_clone_leaves_nothing_to_run(repo, tmp_path):
@@ -131,5 +132,5 @@ def test_an_experiment_travels_through_a_bare_repository(repo, swept, tmp_path):
     assert experiments(clone) == {name: (epochs, metrics)}
     dvc(clone, "exp", "apply", name)
     assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["epochs"] == epochs
-    assert json.loads((clone / "metrics/train_cnn.json").read_text()) == metrics
+    assert json.loads((clone / "dvclive/train_cnn/metrics.json").read_text()) == metrics
     assert (clone / "models/cnn.pt").stat().st_size > 0  # the experiment's weights, from the remote

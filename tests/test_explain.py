@@ -25,11 +25,12 @@ ARCH = {"preset": "custom", "kernel": 3, "batch_norm": True, "residual": False,
 DNN = {"hidden_layers": 1, "taper": 0.5, "batch_norm": True, "activation": "relu",
        "dropout": 0.0, "tolerance": 0.05, "widths": [24]}
 SALIENCY = {"per_class": 2, "misclassified": 1, "target": "predicted", "seed": 0,
-            "percentile": 99.0, "threshold": 0.25, "smoothgrad_samples": 4,
+            "percentile": 99.0, "mask_sigma": 1.5, "mask_share": 0.5, "smoothgrad_samples": 4,
             "smoothgrad_noise": 0.15, "gradcam_layer": "last", "centre": 0.5, "batch_size": 16}
 FILTERS = {"layers": ["features.block1.conv1", "features.block2.conv1"], "filters": 4,
            "steps": 25, "step_size": 0.1, "l2_decay": 0.001, "blur_sigma": 0.5, "blur_every": 4,
-           "jitter": 1, "seed": 0, "face": 1, "feature_maps": 5, "dnn_units": 6}
+           "jitter": 1, "seed": 0, "face": 1, "face_filters": 3, "face_steps": [0, 5, 15],
+           "face_step_size": 0.01, "face_proximity": 0.02, "feature_maps": 5, "dnn_units": 6}
 
 
 class RegionNet(nn.Module):
@@ -196,17 +197,24 @@ def test_figures_have_their_panels(nets, faces):
     assert len(_image_axes(explain_figures.class_average_figure(res))) == 3 * 7
     metrics = saliency.saliency_metrics(res)
     assert set(metrics["centre_share_cnn"]) == set(EMOTIONS) and metrics["faces_shown"] == n
+    # The masked regions hold at least the share of the smoothed mass they were cut at
+    # (smoothing moves a little mass out, so of the raw mass a little less may be held).
+    assert 0.4 < metrics["mask_cnn"]["mass_held"] <= 1 and 0 < metrics["mask_cnn"]["area"] < 0.5
 
     fres = filters.filters_study(cnn, CROP, dnn, *faces, FILTERS)
-    assert len(_image_axes(explain_figures.filters_figure(fres, "noise"))) == 4 + 4
-    assert len(_image_axes(explain_figures.filters_figure(fres, "face"))) == 2 * (1 + 4)
+    # Two objectives for each of 4 filters in 2 layers; 3 filters x 3 steps from the face.
+    assert len(_image_axes(explain_figures.filters_figure(fres))) == 2 * 2 * 4
+    assert len(_image_axes(explain_figures.face_trajectory_figure(fres))) == 2 * 3 * 3
     assert len(_image_axes(explain_figures.feature_maps_figure(fres))) == 2 * (1 + 5)
     assert len(_image_axes(explain_figures.kernels_figure(fres))) == TINY_CNN["widths"][0]
     fig = explain_figures.dnn_weights_figure(fres)
     assert len(_image_axes(fig)) == 6 and fig.axes[0].images[0].get_array().shape == (CROP, CROP)
     m = filters.filters_metrics(fres)["layers"]
     assert list(m) == FILTERS["layers"]
-    assert all(v["noise"]["reached"] > v["noise"]["start"] for v in m.values())
+    assert all(v[o]["reached"] > v[o]["start"] for v in m.values() for o in filters.OBJECTIVES)
+    assert m["features.block1.conv1"]["receptive_field"] == 3
+    assert m["features.block2.conv1"]["receptive_field"] == 8
+    assert [v["face"]["steps"] for v in m.values()] == [[0, 5, 15]] * 2
     plt.close("all")
 
 
@@ -227,9 +235,9 @@ def test_stages_run_end_to_end(workspace, nets, faces):
                  "filters_from_noise", "filters_from_face", "feature_maps", "conv1_kernels",
                  "dnn_first_layer"):
         assert (ws.path / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
-    sal = json.loads((ws.path / "metrics/saliency.json").read_text())
+    sal = json.loads((ws.path / "metrics/detail/saliency.json").read_text())
     assert set(sal["centre_share_cnn"]) == set(EMOTIONS)
-    fil = json.loads((ws.path / "metrics/filters.json").read_text())
+    fil = json.loads((ws.path / "metrics/detail/filters.json").read_text())
     assert list(fil["layers"]) == FILTERS["layers"]
 
     ws.set_params(filters={"layers": ["features.block1.conv1", "features.block9.conv1"]})
@@ -237,3 +245,107 @@ def test_stages_run_end_to_end(workspace, nets, faces):
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: params.yaml: filters.layers[1]: model has no layer "
                                  "'features.block9.conv1'")
+
+
+class EdgeNet(nn.Module):
+    """One 5x5 convolution with known kernels, then a ReLU, in the layout of FerCNN's names:
+    filter 0 a vertical edge (dark left, bright right), filter 1 a diagonal one."""
+
+    def __init__(self):
+        super().__init__()
+        ramp = torch.linspace(-1, 1, 5)
+        vertical = ramp.view(1, 5).expand(5, 5)
+        diagonal = (ramp.view(5, 1) + ramp.view(1, 5)) / 2
+        conv = nn.Conv2d(1, 2, 5, padding=2)
+        with torch.no_grad():
+            conv.weight.copy_(torch.stack([vertical, diagonal])[:, None])
+            conv.bias.zero_()
+        self.features = nn.Sequential(OrderedDict(block1=nn.Sequential(OrderedDict(
+            conv1=conv, act1=nn.ReLU()))))
+        self.head = nn.Linear(2, len(EMOTIONS))
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_centre_unit_ascent_recovers_a_known_oriented_edge():
+    net = EdgeNet().eval()
+    conv = net.features.block1.conv1
+    gen = torch.Generator().manual_seed(0)
+    noise = (0.5 + 0.05 * torch.randn(2, 1, CROP, CROP, generator=gen)).clamp(0, 1)
+    imgs, first, reached = filters.maximise_filters(net, conv, torch.arange(2), noise,
+                                                    {**FILTERS, "steps": 40}, gen, centre=True)
+    lo, hi = probe.centre_window(net, "features.block1.conv1", CROP, CROP)
+    assert (lo, hi) == (18, 23)  # the 5x5 field of unit (20, 20)
+    kernels = conv.weight.detach()[:, 0].numpy()
+    for i in range(2):
+        tile = imgs[i, 0, lo:hi, lo:hi].numpy()
+        # The tile is the kernel's own pattern and not the same edge turned by 90 degrees (for
+        # the diagonal kernel, the other diagonal). A linear unit's optimum in [0, 1] is the
+        # kernel's sign pattern, black and white, which correlates 0.88-0.92 with a ramp.
+        assert saliency.correlation(tile, kernels[i]) > 0.8, (i, tile)
+        turned = np.rot90(kernels[i])
+        assert abs(saliency.correlation(tile, turned)) < 0.3, (i, tile)
+    assert (reached > first + 1).all()
+
+
+def test_receptive_field_holds_every_pixel_the_centre_unit_depends_on(nets):
+    cnn, _ = nets
+    lo, hi = probe.centre_window(cnn, "features.block2.conv1", 20, CROP)
+    assert (lo, hi) == (17, 25)  # 3x3 conv, 2x2 pool, 3x3 conv: 8 px
+    layer = dict(cnn.named_modules())["features.block2.conv1"]
+    support = torch.zeros(CROP, CROP, dtype=torch.bool)
+    with probe.probing(cnn):
+        for seed in range(6):  # max pooling passes a different pixel for each input
+            x = torch.rand(1, 1, CROP, CROP, generator=torch.Generator().manual_seed(seed))
+            x.requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(filters.filter_objective(cnn, layer, x, torch.tensor([0]),
+                                                                    centre=True).sum(), x)
+            support |= g[0, 0] != 0
+    rows, cols = np.nonzero(support.numpy())
+    assert rows.min() >= lo and rows.max() < hi and cols.min() >= lo and cols.max() < hi
+    assert support[lo:hi, lo:hi].float().mean() > 0.5
+
+
+def test_ascent_from_a_face_stays_within_the_reported_distance(nets, faces):
+    cnn, _ = nets
+    face = probe.model_input(faces[0][3:4], CROP, torch.device("cpu"))
+    layer = dict(cnn.named_modules())["features.block2.act1"]
+    cfg = {**FILTERS, "face_steps": [0, 5, 10, 30]}
+    imgs, values, dist = filters.face_trajectory(cnn, layer, torch.arange(4), face, cfg,
+                                                 torch.Generator().manual_seed(0))
+    assert imgs.shape == (4, 4, CROP, CROP) and values.shape == dist.shape == (4, 4)
+    # The reported distance is the RMS pixel distance of the image shown.
+    torch.testing.assert_close(dist, (imgs - face[0, 0]).pow(2).mean((-2, -1)).sqrt())
+    # One step moves the image by at most face_step_size (RMS): blur and decay act on the
+    # change alone, and clipping to [0, 1] only brings it nearer the face.
+    for s, step in enumerate(cfg["face_steps"]):
+        assert (dist[s] <= cfg["face_step_size"] * step + 1e-5).all(), (step, dist[s])
+    assert (dist[1:] > 0).all()
+    assert (values[1] > values[0]).all()  # the early steps already raise every filter
+    assert all(saliency.correlation(imgs[1, j].numpy(), face[0, 0].numpy()) > 0.95 for j in range(4))
+
+
+def test_masked_region_covers_the_region_the_answer_comes_from(faces):
+    net = RegionNet().eval()
+    x = probe.model_input(faces[0][:8], CROP, torch.device("cpu"))
+    van, _ = saliency.vanilla(net, x, torch.full((8,), 3))
+    box = torch.zeros(CROP, CROP, dtype=torch.bool)
+    box[BOX] = True
+    sigma = 1.5
+    rim = torch.zeros_like(box)  # the box widened by the smoothing's reach (2 sigma)
+    rim[BOX[0].start - 3:BOX[0].stop + 3, BOX[1].start - 3:BOX[1].stop + 3] = True
+    for share in (0.5, 0.9):
+        mask = saliency.region_mask(van, sigma, share)
+        assert not (mask & ~rim).any()  # never outside the box and its rim
+        inside = (mask & box).flatten(1).sum(1) / box.sum()
+        assert (inside > (0.3 if share == 0.5 else 0.85)).all(), (share, inside)
+        # A region or two, not scattered pixels.
+        pieces = saliency.regions(mask.numpy())
+        assert (pieces <= 2).all(), (share, pieces)
+    # Without smoothing, half the mass lies in many more pieces.
+    raw = saliency.regions(saliency.region_mask(van, 0.0, 0.5).numpy())
+    assert raw.mean() > 2 * saliency.regions(saliency.region_mask(van, sigma, 0.5).numpy()).mean()
+    # An all-zero map points nowhere.
+    assert not saliency.region_mask(torch.zeros(1, CROP, CROP), sigma, 0.5).any()

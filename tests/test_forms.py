@@ -250,7 +250,7 @@ def test_junk_beside_a_csv_is_not_taken_for_a_second_csv(tmp_path):
 def test_prepare_writes_the_new_counts_into_metrics(workspace):
     write_zip(workspace.path / "data/raw/faces.zip", {**image_files(), **JUNK})
     proc = workspace.run("prepare")
-    metrics = json.loads((workspace.path / "metrics/data.json").read_text())
+    metrics = json.loads((workspace.path / "metrics/detail/data.json").read_text())
     assert metrics["junk_skipped"] == len(JUNK) and metrics["faces"] == 14
     for key in ("float_labels", "whitespace_stripped", "quoted_fields", "converted_rgb",
                 "resized", "ignored_files", "skipped", "skipped_rows", "counts"):

@@ -1,7 +1,10 @@
 """The whole DVC pipeline on a tiny synthetic set in a temporary git repository."""
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -45,7 +48,12 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
     ws, out = repo
     assert ran(out) == {"prepare", "split", "train_cnn", "train_dnn", "evaluate", "export",
                         "predict", "saliency", "filters", "self_train"}
-    ev = json.loads((ws / "metrics/evaluate.json").read_text())
+    # evaluate and predict say how far they are (a last line at least), like training
+    assert re.search(r"\[evaluate\] cnn val, tta flip: 21/21 faces, .*done in", out)
+    assert re.search(r"\[predict\] test, tta flip: 70/70 faces", out)
+    # TINY trains 2 epochs with the default 3 warm-up epochs: the run says so
+    assert re.search(r"warning: train.warmup_epochs \(3(\.0)?\) >= train.epochs \(2\)", out)
+    ev = json.loads((ws / "metrics/detail/evaluate.json").read_text())
     for kind in ("cnn", "dnn"):
         assert ev[kind]["params"] > 0
         for split in ("val", "test"):
@@ -68,6 +76,22 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
                 "images_per_second"} <= set(t)
         hist = pd.read_csv(ws / f"plots/train_{kind}.csv")
         assert list(hist["epoch"]) == [1, 2]
+        # DVCLive's step files: one row per epoch, the same values as the history
+        steps = pd.read_csv(ws / f"dvclive/train_{kind}/plots/metrics/{kind}/val_accuracy.tsv",
+                            sep="\t")
+        assert list(steps["step"]) == [1, 2]
+        assert list(steps["val_accuracy"]) == pytest.approx(list(hist["val_accuracy"]))
+        summary = json.loads((ws / f"dvclive/train_{kind}/metrics.json").read_text())
+        assert summary["step"] == 2 and set(summary[kind]) == {
+            "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"}
+    rounds = pd.read_csv(ws / "dvclive/self_train/plots/metrics/self_train/val_accuracy.tsv",
+                         sep="\t")
+    assert list(rounds["step"]) == list(range(len(pd.read_csv(ws / "plots/self_train.csv"))))
+    # The declared metrics: a few short keys, each named once across the files.
+    headline = json.loads((ws / "metrics/evaluate.json").read_text())
+    assert headline["cnn"]["test"] == ev["cnn"]["test"]["accuracy"]
+    assert headline["cnn"]["unseen"] == ev["cnn"]["test"]["unseen_accuracy"]
+    assert set(headline["dnn"]) == {"val", "test", "params", "epoch_s"}
     pred = pd.read_csv(ws / "predictions.csv")
     assert list(pred.columns) == ["id", "label"] and len(pred) == 70
     assert pred["label"].between(0, 6).all()
@@ -80,7 +104,7 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
     for png in ("saliency_faces", "saliency_class_average", "filters_from_noise", "feature_maps",
                 "dnn_first_layer"):
         assert (ws / f"plots/{png}.png").stat().st_size > 1000
-    st = json.loads((ws / "metrics/self_train.json").read_text())
+    st = json.loads((ws / "metrics/detail/self_train.json").read_text())
     assert st["labelled_fraction"] == pytest.approx(0.5, abs=0.05)
     assert st["gain"] == pytest.approx(st["self_trained"]["test"]["accuracy"]
                                        - st["baseline"]["test"]["accuracy"])
@@ -100,8 +124,11 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
     assert {o["path"] for o in lock["outs"]} == {"release/fer_cnn.onnx", "release/model_card.json"}
     assert not (ws / "release/.gitignore").exists()  # cache: false: git carries them
     # metrics and plots are readable by DVC itself
-    shown = demo.dvc(ws, "metrics", "show", "--json", capture=True)
-    assert "best_val_accuracy" in shown.stdout
+    shown = json.loads(demo.dvc(ws, "metrics", "show", "--json", capture=True).stdout)
+    declared = set(shown[""]["data"])
+    assert declared == {"metrics/evaluate.json", "metrics/self_train.json",
+                        "dvclive/train_cnn/metrics.json", "dvclive/train_dnn/metrics.json",
+                        "dvclive/self_train/metrics.json"}, declared
 
 
 def test_classify_uses_the_release_in_a_clone(repo, tmp_path):
@@ -136,7 +163,7 @@ def test_runtime_settings_rerun_nothing(repo):
     t = json.loads((ws / "metrics/train_cnn.json").read_text())
     assert t["precision"] in ("bf16", "fp32") and t["precision_requested"] == "auto"
     assert "cpu_capability" in t or "gpu" in t
-    ev = json.loads((ws / "metrics/evaluate.json").read_text())
+    ev = json.loads((ws / "metrics/detail/evaluate.json").read_text())
     assert ev["runtime"]["precision"] == t["precision"]  # the same machine chose the same
     path = ws / "params.yaml"
     before = path.read_text()
@@ -163,7 +190,7 @@ def test_dnn_param_change_reruns_only_train_dnn_and_dependants(repo):
 
 def test_ensemble_change_reruns_the_cnn_side_only_and_flows_through(repo):
     ws, _ = repo
-    before = json.loads((ws / "metrics/evaluate.json").read_text())
+    before = json.loads((ws / "metrics/detail/evaluate.json").read_text())
     params = yaml.safe_load((ws / "params.yaml").read_text())
     assert params["ensemble"] == {"members": 1}
     params["ensemble"]["members"] = 2
@@ -171,7 +198,7 @@ def test_ensemble_change_reruns_the_cnn_side_only_and_flows_through(repo):
     out = repro(ws)
     assert ran(out) == {"train_cnn", "evaluate", "export", "predict", "saliency", "filters"}
     assert "[cnn 2/2] epoch 2/2" in out
-    ev = json.loads((ws / "metrics/evaluate.json").read_text())
+    ev = json.loads((ws / "metrics/detail/evaluate.json").read_text())
     assert ev["cnn"]["members"] == 2 and "members" not in ev["dnn"]
     # The parameter count stays one network's: the DNN is matched to a single CNN.
     assert ev["cnn"]["params"] == before["cnn"]["params"]
@@ -179,3 +206,47 @@ def test_ensemble_change_reruns_the_cnn_side_only_and_flows_through(repo):
     assert t["members"] == 2 and len(t["member_val_accuracy"]) == 2
     assert len(pd.read_csv(ws / "predictions.csv")) == 70
     assert json.loads((ws / "release/model_card.json").read_text())["members"] == 2
+
+
+def test_a_stage_imports_the_library_beside_it(repo):
+    """dvc.yaml's cmd sets PYTHONPATH=src: the workspace's own ferpipe runs, even with the
+    virtual environment's editable install of another checkout on the path."""
+    ws, _ = repo
+    infer_py = ws / "src/ferpipe/infer.py"
+    original = infer_py.read_text()
+    infer_py.write_text(original + "\nprint('the workspace copy of ferpipe', flush=True)\n")
+    env = {k: v for k, v in demo.env_for(ws).items() if k != "PYTHONPATH"}
+    cmd = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]["predict"]["cmd"]
+    try:
+        proc = subprocess.run(cmd, shell=True, cwd=ws, env=env, capture_output=True, text=True)
+    finally:
+        infer_py.write_text(original)
+    assert proc.returncode == 0, proc.stderr
+    assert "the workspace copy of ferpipe" in proc.stdout
+
+
+def test_the_first_experiment_compares_in_160_columns(repo):
+    """Last in this file: it commits the run and leaves the experiment applied. The baseline
+    is committed (as `make demo` does), `dvc metrics diff` compares with it, and `ferpipe
+    compare` shows the experiment next to it within a 160-column terminal."""
+    ws, _ = repo
+    demo.commit_baseline(ws)
+    proc = demo.dvc(ws, "exp", "run", "-S", "train.epochs=3", capture=True)
+    out = proc.stdout + proc.stderr
+    assert re.search(r"\[cnn( 1/2)?\] epoch 3/3 train loss", out), out  # (the ensemble test's 2)
+    # README: train.epochs "re-runs training and what follows it"
+    assert ran(out) == {"train_cnn", "train_dnn", "evaluate", "export", "predict", "saliency",
+                        "filters", "self_train"}
+    diff = json.loads(demo.dvc(ws, "metrics", "diff", "--all", "--json", capture=True).stdout)
+    assert diff["metrics/evaluate.json"]["cnn.val"]["old"] is not None
+    env = {**demo.env_for(ws), "COLUMNS": "160"}
+    proc = subprocess.run([sys.executable, "-m", "ferpipe.cli", "compare"], cwd=ws, env=env,
+                          capture_output=True, text=True, check=True)
+    table = proc.stdout.splitlines()[1:]  # after the command it runs
+    assert max(len(line) for line in table) <= 160, proc.stdout
+    assert "…" not in proc.stdout, proc.stdout  # no column squeezed
+    header = table[1]
+    # the changed param and the changed metrics of evaluate.json, none of the dropped ones
+    assert "Experiment" in header and "train.epochs" in header, proc.stdout
+    assert re.search(r"\b(cnn|dnn)\.(val|test|unseen|f1|epoch_s)\b", header), proc.stdout
+    assert not re.search(r"_loss|:step|Created|\.pt\b", header), proc.stdout

@@ -66,7 +66,7 @@ def assert_same_result(a, b):
     (metrics_a, hist_a, ckpt_a, live_a), (metrics_b, hist_b, ckpt_b, live_b) = a, b
     # Every epoch once, in order, as in an uninterrupted run (no timestamps are logged).
     steps = pd.read_csv(io.StringIO(live_a["plots/metrics/cnn/val_accuracy.tsv"]), sep="\t")
-    assert list(steps["step"]) == list(range(1, EPOCHS + 1))
+    assert list(steps["step"]) == list(hist_a["epoch"])
     assert live_a == live_b
     assert metrics_a == metrics_b
     pd.testing.assert_frame_equal(hist_a, hist_b, check_exact=True)
@@ -200,8 +200,8 @@ def ensemble(template, tmp_path_factory):
 def test_ensemble_members_are_seeded_networks_whose_probabilities_average(reference, ensemble):
     from ferpipe import files, infer, models
 
-    ws, (metrics, history, ckpt) = ensemble
-    ref_metrics, ref_history, ref_ckpt = reference
+    ws, (metrics, history, ckpt, steps) = ensemble
+    ref_metrics, ref_history, ref_ckpt, ref_steps = reference
     assert ckpt["members"] == 2 and metrics["members"] == 2
     # The first member is exactly the single network of the same seed; the second is another.
     first = {k[len("members.0."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("members.0.")}
@@ -212,6 +212,7 @@ def test_ensemble_members_are_seeded_networks_whose_probabilities_average(refere
     assert metrics["member_val_accuracy"][0] == ref_metrics["best_val_accuracy"]
     assert metrics["params"] == ref_metrics["params"] and metrics["params_total"] == 2 * metrics["params"]
     pd.testing.assert_frame_equal(history, ref_history, check_exact=True)  # the first member's curves
+    assert steps == ref_steps  # DVCLive logs the first member, as the history
 
     model, _ = models.load(ws.path / "models/cnn.pt")
     assert isinstance(model, models.Ensemble) and models.single(model) is model.members[0]

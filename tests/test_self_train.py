@@ -250,7 +250,7 @@ def test_stage_end_to_end(workspace):
     ws.set_params(self_train={**ST, "threshold": 0.0, "rounds": 2, "class_cap": 1.0,
                               "tta": "flip"}, train=SMALL_BATCH_TRAIN, cnn=TINY_CNN)
     ws.run("self_train")
-    m = json.loads((ws.path / "metrics/self_train.json").read_text())
+    m = json.loads((ws.path / "metrics/detail/self_train.json").read_text())
     assert m["labelled_fraction"] == pytest.approx(28 / 126)  # 4 of each class's 18 labelled
     for part in ("baseline", "self_trained"):
         for split in ("val", "test"):
@@ -274,7 +274,7 @@ def test_stage_course_data_has_no_test_accuracy_and_pools_the_unlabelled(workspa
     ws.set_params(self_train={**ST, "threshold": 1.0, "rounds": 1}, train=SMALL_BATCH_TRAIN,
                   cnn=TINY_CNN)
     ws.run("self_train")
-    m = json.loads((ws.path / "metrics/self_train.json").read_text())
+    m = json.loads((ws.path / "metrics/detail/self_train.json").read_text())
     assert m["baseline"]["test"]["accuracy"] is None and m["gain"] is None
     assert m["extra_unlabelled"] == 42 and m["pool"] == 98 + 42
     assert m["self_trained"]["round"] == 0 and m["val_gain"] == 0.0

@@ -2,14 +2,16 @@
 
     ferpipe classify PATH... [--out DIR] [--format csv|json] [--no-detect] [--model PATH]
                      [--backend torch|onnx] [--tta MODE] [--every N] [--min-face PX]
+                     [--explain]
     ferpipe classify --camera 0 --out live/
 
 One row per face: source, frame (videos), face, box x,y,w,h, label, label index, the seven
 probabilities in class order (0 angry, 1 disgust, 2 fear, 3 happy, 4 sad, 5 surprise,
 6 neutral) and a status; a picture without a face gets one row that says so. Rows stream to
 DIR/faces.csv (or .json) as each file is done, else to stdout; annotated copies go under
-DIR/annotated/. Messages go to stderr and end in a summary line; a file that cannot be read
-is named there and the rest still run, and the exit status is 1 when any failed.
+DIR/annotated/ (with --explain, each face's Grad-CAM beside its box). Messages go to
+stderr and end in a summary line; a file that cannot be read is named there and the rest
+still run, and the exit status is 1 when any failed.
 """
 import argparse
 import csv
@@ -61,6 +63,10 @@ def parse_args(argv):
                     help="classify every Nth video frame (default 1: all)")
     ap.add_argument("--min-face", type=positive, default=40, metavar="PX",
                     help="smallest face side the detector looks for (default 40)")
+    ap.add_argument("--explain", action="store_true",
+                    help="annotated copies show, beside each face's box, a Grad-CAM map of where "
+                         "the CNN looked for its label (needs the torch model: Grad-CAM takes "
+                         "gradients, which onnxruntime does not give)")
     ap.add_argument("--threads", type=int, default=0, metavar="N", help="0 = all cores")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="torch backend: auto = bf16 where the CPU runs it natively, as the "
@@ -68,6 +74,8 @@ def parse_args(argv):
     a = ap.parse_args(argv)
     if not a.paths and a.camera is None:
         ap.error("give at least one PATH, or --camera N")
+    if a.explain and not a.out:
+        ap.error("--explain draws on the annotated copies: give --out DIR as well")
     return a
 
 
@@ -203,24 +211,38 @@ class Run:
         self.started = self.last_report = time.monotonic()
 
     def faces_in(self, gray):
-        """(boxes, probabilities) of the faces in one gray picture."""
+        """(boxes, probabilities, 48x48 crops) of the faces in one gray picture."""
         if self.a.no_detect:
             boxes, crops = [(0, 0, gray.shape[1], gray.shape[0])], [faces.resize(gray)]
         else:
             boxes = faces.detect(gray, self.a.min_face)
             crops = [faces.crop(gray, b) for b in boxes]
         probs = self.clf.probs(np.stack(crops), self.a.tta) if crops else np.zeros((0, 7))
-        return boxes, probs
+        return boxes, probs, crops
+
+    def annotate(self, rgb, boxes, probs, crops):
+        """The annotated picture; with --explain, each face's Grad-CAM tile beside its box."""
+        if self.a.explain and boxes:
+            from . import explain_faces
+
+            crops = np.stack(crops)
+            cams = explain_faces.gradcam_maps(self.clf.model, self.clf.crop, crops,
+                                              probs.argmax(1))
+            # Without detection the whole picture is the face: its frame is the picture.
+            frames = [tuple(b) if self.a.no_detect else faces.frame_box(b) for b in boxes]
+            tiles = [explain_faces.overlay(c, m, f[2]) for c, m, f in zip(crops, cams, frames)]
+            explain_faces.paste(rgb, frames, tiles)
+        return annotate(rgb, boxes, probs)
 
     def image(self, path, name):
         gray, rgb = faces.read_image(path)
-        boxes, probs = self.faces_in(gray)
+        boxes, probs, crops = self.faces_in(gray)
         self.rows.write(rows_for(str(path), "", boxes, probs))
         self.counts["faces"] += len(boxes)
         self.counts["without_face"] += not boxes
         self.small_without_face += not boxes and min(gray.shape) < 2 * self.a.min_face
         if self.annotated.root:
-            annotate(rgb, boxes, probs).save(self.annotated.path(name), quality=90)
+            self.annotate(rgb, boxes, probs, crops).save(self.annotated.path(name), quality=90)
 
     def video(self, source, name):
         from PIL import Image
@@ -229,13 +251,13 @@ class Run:
         label = f"camera {source}" if isinstance(source, int) else str(source)
         try:
             for index, frame in video:
-                boxes, probs = self.faces_in(faces.bgr_to_gray(frame))
+                boxes, probs, crops = self.faces_in(faces.bgr_to_gray(frame))
                 self.rows.write(rows_for(label, index, boxes, probs))
                 found += len(boxes)
                 self.counts["faces"] += len(boxes)
                 self.counts["frames"] += 1
                 if self.annotated.root:
-                    rgb = annotate(Image.fromarray(frame[:, :, ::-1]), boxes, probs)
+                    rgb = self.annotate(Image.fromarray(frame[:, :, ::-1]), boxes, probs, crops)
                     writer = writer or self._video_writer(name, frame.shape, video.fps)
                     writer.write(np.asarray(rgb)[:, :, ::-1])
                 self.progress()
@@ -302,10 +324,14 @@ class Run:
 def run(argv=None):
     """classify as a function: returns the exit status (0 ok, 1 some inputs failed, 2 could
     not start)."""
-    from .release import load_classifier
+    from .release import load_classifier, locate
 
     a = parse_args(argv)
     try:
+        if a.explain and locate(a.model, a.backend)[1] == "onnx":
+            raise FerPipeError("--explain needs the torch model: Grad-CAM takes gradients, which "
+                               "onnxruntime does not give; use --backend torch (models/cnn.pt) "
+                               "or --model PATH.pt")
         clf = load_classifier(a.model, a.backend, a.threads, a.precision)
     except FerPipeError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -81,7 +81,7 @@ class Problems:
 
 class Faces:
     """Accumulates validated faces; arrays come out of `arrays()`. The counters (conversions,
-    files passed over) go into metrics/data.json."""
+    files passed over) go into metrics/detail/data.json."""
 
     def __init__(self):
         self.images, self.labels, self.usage, self.ids = [], [], [], []

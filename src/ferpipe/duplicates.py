@@ -24,7 +24,7 @@ from .errors import FerPipeError
 
 OFF = -1                  # prepare.near_duplicates: exact duplicates only
 TEST_USAGES = ("PublicTest", "PrivateTest")
-CONFLICTS_LISTED = 20     # groups with conflicting labels listed in metrics/data.json
+CONFLICTS_LISTED = 20     # groups with conflicting labels listed in metrics/detail/data.json
 MEMBERS_LISTED = 10       # faces listed per such group
 MAX_NEAR_PAIRS = 5_000_000  # beyond this the threshold links unrelated faces (and memory runs out)
 SEEN = {"test": "test_seen", "private": "private_seen"}  # splits.npz arrays, per test split
@@ -208,7 +208,7 @@ def describe(group, arrays):
 
 
 def report(group, exact, arrays, info):
-    """The `duplicates` entry of metrics/data.json: `exact` always; `near` (exact copies and
+    """The `duplicates` entry of metrics/detail/data.json: `exact` always; `near` (exact copies and
     near duplicates together) when near duplicates are looked for."""
     out = {**info, "exact": describe(exact, arrays)}
     if info["near_duplicates"] != OFF:

@@ -26,9 +26,9 @@ def _face_caption(true, pred, prob):
     return f"true {EMOTIONS[true]}\npred {EMOTIONS[pred]} {prob:.2f}"
 
 
-def masked(face, sal, threshold):
-    """The face with pixels whose saliency is below `threshold` greyed out."""
-    return np.where(sal >= threshold, face, GREY)
+def masked(face, region):
+    """The face with the pixels outside `region` (bool) greyed out."""
+    return np.where(region, face, GREY)
 
 
 def saliency_faces_figure(res):
@@ -36,13 +36,13 @@ def saliency_faces_figure(res):
     n = len(res["picks"])
     if n == 0:
         return message("No validation faces to explain")
-    cols = ("face", "vanilla gradient", f"masked (< {res['threshold']:.2f} greyed)", "SmoothGrad",
+    cols = ("face", "vanilla gradient", f"masked: {res['mask_share']:.0%} of\nsmoothed mass", "SmoothGrad",
             f"Grad-CAM\n{res['gradcam_layer']}")
     fig, axes = plt.subplots(n, len(cols), figsize=(len(cols) * TILE, n * TILE * 1.08),
                              squeeze=False, layout="constrained")
     for i in range(n):
         face, sal = res["faces"][i], res["vanilla"][i]
-        panels = (face, sal, masked(face, sal, res["threshold"]), res["smoothgrad"][i],
+        panels = (face, sal, masked(face, res["mask"][i]), res["smoothgrad"][i],
                   res["gradcam"][i])
         for j, (ax, img) in enumerate(zip(axes[i], panels)):
             gray = j in (0, 2)
@@ -67,11 +67,10 @@ def model_comparison_figure(res):
     cols = ("face", "CNN saliency", "CNN masked", "DNN saliency", "DNN masked")
     fig, axes = plt.subplots(n, len(cols), figsize=(len(cols) * TILE, n * TILE * 1.08),
                              squeeze=False, layout="constrained")
-    t = res["threshold"]
     for i in range(n):
         face, dface = res["faces"][i], res["dnn_faces"][i]
-        panels = (face, res["vanilla"][i], masked(face, res["vanilla"][i], t),
-                  res["dnn_vanilla"][i], masked(dface, res["dnn_vanilla"][i], t))
+        panels = (face, res["vanilla"][i], masked(face, res["mask"][i]),
+                  res["dnn_vanilla"][i], masked(dface, res["dnn_mask"][i]))
         for j, (ax, img) in enumerate(zip(axes[i], panels)):
             ax.imshow(img, cmap="gray" if j in (0, 2, 4) else "inferno", vmin=0, vmax=1)
             _blank(ax)
@@ -113,8 +112,8 @@ def class_average_figure(res):
 
 
 def _tile_sections(sections, cols, title):
-    """sections: [(heading, [(image, caption, imshow kwargs)])] -> one grid per section,
-    stacked, captions under the tiles."""
+    """sections: [(heading, [(image, caption, imshow kwargs) or None for a gap])] -> one
+    grid per section, stacked, captions under the tiles."""
     rows = [max(1, math.ceil(len(tiles) / cols)) for _, tiles in sections]
     fig = plt.figure(figsize=(cols * TILE * 0.9, sum(rows) * TILE * 1.05 + 0.45 * len(sections) + 0.4),
                      layout="constrained")
@@ -124,7 +123,10 @@ def _tile_sections(sections, cols, title):
         for ax in axes.flat:
             _blank(ax)
             ax.set_visible(False)
-        for ax, (img, cap, kw) in zip(axes.flat, tiles):
+        for ax, tile in zip(axes.flat, tiles):
+            if tile is None:  # a gap that keeps the rows of a section aligned
+                continue
+            img, cap, kw = tile
             ax.set_visible(True)
             ax.imshow(img, **kw)
             ax.set_xlabel(cap, fontsize=7)
@@ -133,24 +135,54 @@ def _tile_sections(sections, cols, title):
     return fig
 
 
-def filters_figure(res, start):
-    """One grid per layer of the images that maximise each filter, strongest first, with the
-    activation reached under each tile (and its value on the start image)."""
-    gray = {"cmap": "gray", "vmin": 0, "vmax": 1}
+def filters_figure(res):
+    """One grid per layer: for each filter, the input maximising its centre unit (cropped
+    to that unit's receptive field) above the input maximising its mean activation after
+    the non-linearity, both from noise; filters in index order, 8 per row pair."""
+    gray = {"cmap": "gray", "vmin": 0, "vmax": 1, "interpolation": "nearest"}
     sections = []
     for e in res["layers"]:
-        d = e[start]
-        order = np.argsort(-d["reached"])
-        tiles = [(d["images"][i], f"#{e['filters'][i]} {d['reached'][i]:.2f}", gray) for i in order]
-        if start == "face":
-            tiles.insert(0, (res["face"], "start face", gray))
-        sections.append((f"{e['name']} ({len(e['filters'])} of {e['channels']} filters; "
-                         f"mean activation {d['start'].mean():.2f} -> {d['reached'].mean():.2f})",
-                         tiles))
-    where = ("random noise" if start == "noise" else
-             f"validation face #{res['face_index']} ({EMOTIONS[res['face_label']]})")
-    return _tile_sections(sections, 8, f"Inputs maximising each filter, from {where} "
-                                       "(under each: filter, mean activation reached)")
+        c, m = e["centre"], e["mean"]
+        side = e["window"][1] - e["window"][0]
+        tiles = []
+        for lo in range(0, len(e["filters"]), 8):
+            idx = range(lo, min(lo + 8, len(e["filters"])))
+            pad = [None] * (8 - len(idx))
+            tiles += [(c["images"][i], f"#{e['filters'][i]} centre {c['reached'][i]:.2f}", gray)
+                      for i in idx] + pad
+            tiles += [(m["images"][i], f"#{e['filters'][i]} mean {m['reached'][i]:.2f}", gray)
+                      for i in idx] + pad
+        sections.append((
+            f"{e['name']} ({len(e['filters'])} of {e['channels']} filters)\nupper rows: its centre "
+            f"unit, shown over its {side}x{side} px receptive field (edge energy "
+            f"{c['edge'].mean():.3f}, std {c['std'].mean():.3f}); lower rows: the mean of "
+            f"{e['act_name']} over the map (edge energy {m['edge'].mean():.3f}, std "
+            f"{m['std'].mean():.3f})", tiles))
+    return _tile_sections(sections, 8, "Inputs maximising each filter, from random noise "
+                                       "(under each: filter, objective, activation reached)")
+
+
+def face_trajectory_figure(res):
+    """One grid per layer: each shown filter's ascent from the face, at face_steps, two
+    filters per row, with the activation and the RMS distance to the face under each."""
+    gray = {"cmap": "gray", "vmin": 0, "vmax": 1}
+    steps = res["face_steps"]
+    sections = []
+    for e in res["layers"]:
+        f = e["face"]
+        tiles = []
+        for j in range(f["values"].shape[1]):
+            tiles += [(f["images"][s, j], f"#{e['filters'][j]} step {step}\n"
+                                          f"act {f['values'][s, j]:.2f} d {f['distance'][s, j]:.3f}", gray)
+                      for s, step in enumerate(steps)]
+        dist = ", ".join(f"{d:.3f}" for d in f["distance"].mean(1))
+        sections.append((f"{e['act_name']}: mean activation over the map; mean RMS distance to "
+                         f"the face at steps {', '.join(map(str, steps))}: {dist}", tiles))
+    cols = len(steps) * (2 if len(steps) <= 4 else 1)
+    return _tile_sections(sections, cols,
+                          f"Ascent from validation face #{res['face_index']} "
+                          f"({EMOTIONS[res['face_label']]}), {res['face_step_size']} per step "
+                          "(under each: filter, step, mean activation, RMS distance to the face)")
 
 
 def feature_maps_figure(res):

@@ -7,9 +7,11 @@ the crop. Models are switched to eval mode and their weights frozen while they a
 so batched images never influence each other and no weight gradients are computed.
 """
 import contextlib
+import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import FerPipeError
 from .infer import center_crop, device_of, to_float
@@ -91,3 +93,51 @@ def feature_layers(model, names, keys, crop):
                                f"{', '.join(conv_layers(model))})")
         found.append((name, module, out.shape[1]))
     return found
+
+
+def activation_after(model, conv_name):
+    """The non-linearity that follows convolution `conv_name` (block.convN -> block.actN),
+    or the convolution itself when the model has no activation by that name."""
+    parent, _, leaf = conv_name.rpartition(".")
+    act = f"{parent}.act{leaf[len('conv'):]}" if leaf.startswith("conv") else ""
+    return act if act in dict(model.named_modules()) else conv_name
+
+
+def receptive_field(model, name):
+    """(side, first, jump) of the input square one unit of layer `name` sees, for a chain of
+    convolutions and poolings taken in the order the model registers them: unit i's field
+    is centred on input pixel first + i * jump. Residual shortcuts (1x1) widen nothing."""
+    side, first, jump = 1, 0.0, 1
+    for mname, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+            k, s, p = pair(m.kernel_size)[0], pair(m.stride)[0], pair(m.padding)[0]
+            d = pair(getattr(m, "dilation", 1))[0]
+            first += ((k - 1) * d / 2 - p) * jump
+            side += (k - 1) * d * jump
+            jump *= s
+        if mname == name:
+            break
+    return side, first, jump
+
+
+def centre_window(model, name, map_size, crop):
+    """(top, bottom) input rows (and columns: maps are square) of the receptive field of
+    the centre unit of layer `name`, whose maps are map_size wide, clipped to the crop."""
+    side, first, jump = receptive_field(model, name)
+    centre = first + (map_size // 2) * jump
+    lo = math.floor(centre - (side - 1) / 2 + 0.5)
+    return max(0, lo), min(crop, lo + side)
+
+
+def gaussian_blur(x, sigma, mode="reflect"):
+    """Separable Gaussian blur of (N, 1, H, W) images, truncated at 2 sigma. mode "constant"
+    pads with zeros, which never makes an image's L2 norm grow (each output is a weighted
+    mean with weights summing to at most 1, and each input pixel gives away at most 1)."""
+    radius = max(1, math.ceil(2 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    x = F.pad(x, (radius, radius, radius, radius), mode=mode)
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    return F.conv2d(x, k.view(1, 1, -1, 1))

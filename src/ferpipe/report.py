@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from . import paths
+from . import files, paths
 
 
 def _both(key, *files):
@@ -536,7 +536,7 @@ def render(root=".", diff=True):
 
 def write(root=".", out="report.html", diff=True):
     out = Path(root) / out if not Path(out).is_absolute() else Path(out)
-    out.write_text(render(root, diff=diff), encoding="utf-8")
+    files.write_text(out, render(root, diff=diff))  # atomically: never a half page
     return out
 
 

@@ -11,7 +11,8 @@ from . import EMOTIONS, NUM_CLASSES
 from .infer import center_crop, device_of
 from .errors import FerPipeError
 from .params import choice, integer, number, string
-from .probe import conv_layers, feature_layers, model_input, probing
+from .probe import (activation_after, conv_layers, feature_layers, gaussian_blur, model_input,
+                    probing)
 
 SCHEMA = {
     "per_class": integer(lo=1, hi=20),          # validation faces per class in the face figures
@@ -19,7 +20,8 @@ SCHEMA = {
     "target": choice("predicted", "true"),      # which class score the face maps explain
     "seed": integer(lo=0),
     "percentile": number(lo=50.0, hi=100.0),    # per-image normalisation: this percentile -> 1
-    "threshold": number(lo=0.0, hi=1.0),        # masked face: pixels below it are greyed out
+    "mask_sigma": number(lo=0.0),               # masked face: Gaussian smoothing (px) of the map
+    "mask_share": number(lo=0.0, hi=1.0, lo_open=True),  # ... then keep this share of its mass
     "smoothgrad_samples": integer(lo=1),
     "smoothgrad_noise": number(lo=0.0),         # noise std as a share of the face's pixel range
     "gradcam_layer": string(),                  # "last" or a layer name from named_modules()
@@ -34,9 +36,7 @@ def last_conv_layer(model):
     convs = conv_layers(model)
     if not convs:
         raise FerPipeError("Grad-CAM needs a convolutional layer, and this model has none")
-    parent, _, leaf = convs[-1].rpartition(".")
-    act = f"{parent}.act{leaf[len('conv'):]}" if leaf.startswith("conv") else ""
-    return act if act in dict(model.named_modules()) else convs[-1]
+    return activation_after(model, convs[-1])
 
 
 def normalise(maps, percentile=100.0):
@@ -103,6 +103,25 @@ def gradcam(model, layer, x, target):
     cam = F.relu((weights * acts).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     return normalise(cam.clamp_min(0), 100.0)
+
+
+def region_mask(maps, sigma, share):
+    """(N, H, W) bool: the region each saliency map (N, H, W) points to. The map is smoothed
+    by a Gaussian of `sigma` px, so single hot pixels merge into the features around them,
+    then its highest pixels are kept until they hold `share` of the smoothed mass."""
+    smooth = gaussian_blur(maps[:, None].float(), sigma)[:, 0] if sigma > 0 else maps.float()
+    flat = smooth.flatten(1).clamp_min(0)
+    values, order = flat.sort(1, descending=True)
+    before = values.cumsum(1) - values  # mass of the higher pixels
+    keep = (before < share * flat.sum(1, keepdim=True)) & (values > 0)
+    return torch.zeros_like(keep).scatter_(1, order, keep).view(maps.shape)
+
+
+def regions(mask):
+    """Connected regions (8-neighbour) in each (H, W) bool mask: (N,) counts."""
+    from scipy import ndimage
+
+    return np.array([ndimage.label(m, structure=np.ones((3, 3)))[1] for m in np.asarray(mask)])
 
 
 def centre_mask(size, centre):
@@ -183,7 +202,8 @@ def saliency_study(cnn, cnn_crop, dnn, dnn_crop, images, labels, sal):
     picks = pick_faces(labels, pred, sal["per_class"], sal["misclassified"], sal["seed"])
 
     out = {"picks": picks, "labels": labels[picks], "avg_cnn": avg_cnn, "avg_dnn": avg_dnn,
-           "gradcam_layer": layer_name, "threshold": sal["threshold"], "centre": sal["centre"],
+           "gradcam_layer": layer_name, "mask_sigma": sal["mask_sigma"],
+           "mask_share": sal["mask_share"], "centre": sal["centre"],
            "mean_faces": mean_faces(images, labels, cnn_crop)}
     if len(picks) == 0:
         return out
@@ -196,7 +216,9 @@ def saliency_study(cnn, cnn_crop, dnn, dnn_crop, images, labels, sal):
     out["pred"] = probs.argmax(1).cpu().numpy()
     out["prob"] = probs.max(1).values.cpu().numpy()
     out["target"] = target.cpu().numpy()
-    out["vanilla"] = vanilla(cnn, x, target, sal["percentile"])[0].cpu().numpy()
+    van = vanilla(cnn, x, target, sal["percentile"])[0]
+    out["vanilla"] = van.cpu().numpy()
+    out["mask"] = region_mask(van, sal["mask_sigma"], sal["mask_share"]).cpu().numpy()
     out["smoothgrad"] = smoothgrad(cnn, x, target, sal["smoothgrad_samples"],
                                    sal["smoothgrad_noise"], sal["batch_size"], gen,
                                    sal["percentile"]).cpu().numpy()
@@ -208,7 +230,9 @@ def saliency_study(cnn, cnn_crop, dnn, dnn_crop, images, labels, sal):
     out["dnn_faces"] = xd[:, 0].cpu().numpy()
     out["dnn_pred"] = dprobs.argmax(1).numpy()
     out["dnn_prob"] = dprobs.max(1).values.numpy()
-    out["dnn_vanilla"] = vanilla(dnn, xd, dtarget.to(xd.device), sal["percentile"])[0].cpu().numpy()
+    dvan = vanilla(dnn, xd, dtarget.to(xd.device), sal["percentile"])[0]
+    out["dnn_vanilla"] = dvan.cpu().numpy()
+    out["dnn_mask"] = region_mask(dvan, sal["mask_sigma"], sal["mask_share"]).cpu().numpy()
     return out
 
 
@@ -239,4 +263,14 @@ def saliency_metrics(res):
         # How far the methods agree on the shown faces: mean pixel correlation of the maps.
         out["correlation_vanilla_smoothgrad"] = mean_corr("smoothgrad")
         out["correlation_vanilla_gradcam"] = mean_corr("gradcam")
+        # The masked faces' regions: how much of the (unsmoothed) vanilla map's mass they
+        # hold, on how much of the crop, in how many connected pieces; means over the faces.
+        for key, maps, mask in (("mask_cnn", res["vanilla"], res["mask"]),
+                                ("mask_dnn", res["dnn_vanilla"], res["dnn_mask"])):
+            mass = maps.reshape(len(maps), -1).sum(1)
+            held = (maps * mask).reshape(len(maps), -1).sum(1) / np.maximum(mass, 1e-12)
+            out[key] = {"sigma": res["mask_sigma"], "share": res["mask_share"],
+                        "mass_held": round(float(held.mean()), 4),
+                        "area": round(float(mask.mean()), 4),
+                        "regions": round(float(regions(mask).mean()), 2)}
     return out
