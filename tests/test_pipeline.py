@@ -1,7 +1,6 @@
 """The whole DVC pipeline on a tiny synthetic set in a temporary git repository."""
 import io
 import json
-import os
 import re
 import subprocess
 import sys

@@ -182,11 +182,11 @@ class EMA:
         # A shorter memory over the first steps, so the average forgets the random initial
         # weights quickly (the num_updates form of TF's moving average).
         decay = min(self.decay, (1 + step) / (10 + step))
-        for avg, live in self.pairs:
+        for avg, current in self.pairs:
             if avg.dtype.is_floating_point:
-                avg.lerp_(live, 1.0 - decay)
+                avg.lerp_(current, 1.0 - decay)
             else:
-                avg.copy_(live)  # BN's batch counter
+                avg.copy_(current)  # BN's batch counter
 
 
 def train_step(model, batch, opt, sched, loss_fn, precision, device):
