@@ -89,6 +89,7 @@ FIND = """() => {
   const box = el => { const r = el.getBoundingClientRect();
     return [r.left + window.scrollX, r.top + window.scrollY, r.width, r.height]; };
   const out = [];
+  const mark = el => { el.dataset.ferpipeCheck = out.length; return el; };
   // vega-embed empties its div (script included) and marks it .vega-embed; a div still
   // holding its vegaEmbed script was never embedded (vega-embed missing or failed).
   for (const div of document.querySelectorAll('div')) {
@@ -96,11 +97,11 @@ FIND = """() => {
     const embedded = div.classList.contains('vega-embed');
     if (!embedded && !(s && s.textContent.includes('vegaEmbed'))) continue;
     const drawn = embedded ? div.querySelector('canvas, svg.marks') : null;
-    out.push({kind: 'vega', id: owner(div), box: box(drawn || div), ready: !!drawn &&
+    out.push({kind: 'vega', id: owner(mark(drawn || div)), box: box(drawn || div), ready: !!drawn &&
               drawn.getBoundingClientRect().width > 0});
   }
   for (const img of document.querySelectorAll('img'))
-    out.push({kind: 'img', id: owner(img), box: box(img),
+    out.push({kind: 'img', id: owner(mark(img)), box: box(img),
               ready: img.complete, ok: img.naturalWidth > 0});
   return out;
 }"""
@@ -152,10 +153,21 @@ def inspect(html, screenshot=None, timeout_s=30, width=1400):
                                    timeout=timeout_s * 1000)
         except Exception as e:  # noqa: BLE001 - playwright's TimeoutError
             page_info.errors.append(f"not every chart or image finished: {e}".splitlines()[0])
-        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        frames = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
+        page.evaluate(frames)
         found = page.evaluate(FIND)
         shot = Path(tmp) / "page.png"
         page.screenshot(path=str(shot), full_page=True)
+        # Side-by-side revisions (dvc plots diff) of a wide figure overflow the page to the
+        # right, out of the full-page screenshot: those are shot on their own, scrolled into
+        # view, and counted there.
+        alone = {}
+        for i, f in enumerate(found):
+            x, _, w, _ = f["box"]
+            if f.get("ok", True) and x + w > width:
+                part = Path(tmp) / f"element{i}.png"
+                page.locator(f'[data-ferpipe-check="{i}"]').screenshot(path=str(part))
+                alone[i] = np.asarray(Image.open(part).convert("RGB"))
         context.close()
         pixels = np.asarray(Image.open(shot).convert("RGB"))
         if keep:
@@ -163,9 +175,12 @@ def inspect(html, screenshot=None, timeout_s=30, width=1400):
             shutil.copy(shot, keep)
             page_info.screenshot = keep
     background = pixels[0, 0].astype(int)
-    for f in found:
+    for i, f in enumerate(found):
         el = Element(f["kind"], f["id"], tuple(f["box"]))
-        if f.get("ok", True):
+        if i in alone:
+            h, w = alone[i].shape[:2]
+            el.drawn, el.colours = _count(alone[i], (0, 0, w, h), background)
+        elif f.get("ok", True):
             el.drawn, el.colours = _count(pixels, el.box, background)
         page_info.elements.append(el)
     return page_info

@@ -168,7 +168,8 @@ def test_the_export_stage(workspace):
     model, ckpt = save_tiny_cnn(ws / "models" / "cnn.pt")
     x, y = synthetic.make_faces(4, seed=1)
     files.save_npz(ws / "data" / "splits.npz", train_y=y, val_x=x, val_y=y, test_y=y[:7])
-    files.write_json(ws / "metrics" / "data.json", {"form": "fer2013_csv", "files": ["data/raw/x.csv"]})
+    files.write_json(ws / "metrics" / "detail" / "data.json",
+                     {"form": "fer2013_csv", "files": ["data/raw/x.csv"]})
     files.write_json(ws / "models" / "calibration.json", calibration_for(ws / "models" / "cnn.pt"))
     workspace.set_params(runtime={"threads": 1})
     proc = workspace.run("export")

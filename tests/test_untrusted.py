@@ -170,7 +170,8 @@ def test_prepare_stage_writes_only_its_outputs(workspace):
     before = set(tree(workspace.path))
     workspace.run("prepare")
     new = {p for p in set(tree(workspace.path)) - before if "__pycache__" not in p}
-    assert new == {"data/prepared", "data/prepared/faces.npz", "metrics", "metrics/detail/data.json",
+    assert new == {"data/prepared", "data/prepared/faces.npz", "metrics", "metrics/detail",
+                   "metrics/detail/data.json",
                    "plots", "plots/class_distribution.png", "plots/duplicates.png"}
     assert not (workspace.path / "data/escaped.jpg").exists()
     assert not (workspace.path.parent / "escaped2.jpg").exists()
