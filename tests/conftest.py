@@ -80,6 +80,34 @@ def tiny_runtime(**overrides):
     return runtime.setup({**TINY_RUNTIME, **overrides})
 TINY_CNN = {"widths": [8, 16], "convs": [1, 1], "head": [16]}
 
+# The whole pipeline, small: tests/test_pipeline.py and tests/test_pages.py share one run.
+TINY_PIPELINE = {
+    "train": TINY_TRAIN, "runtime": TINY_RUNTIME, "cnn": TINY_CNN, "infer": {"tta": "flip"},
+    "evaluate": {"misclassified": 8},
+    "saliency": {"per_class": 1, "smoothgrad_samples": 3},
+    "filters": {"layers": ["features.block1.conv1", "features.block2.conv1"], "filters": 4,
+                "steps": 5, "feature_maps": 7, "dnn_units": 4},
+    "self_train": {"unlabeled_fraction": 0.5, "rounds": 1, "epochs": 0, "tta": "none"}}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """The tiny pipeline in a git + DVC repository, reproduced once per session: (folder,
+    what `dvc repro` printed). Modules work on copies (`copy_repo`): their tests change
+    params, run experiments and commit."""
+    from ferpipe import demo
+
+    ws = demo.create(tmp_path_factory.mktemp("tiny") / "repo", TINY_PIPELINE,
+                     train_per_class=30, test_per_class=10, seed=0)
+    proc = demo.dvc(ws, "repro", check=False, capture=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return ws, proc.stdout + proc.stderr
+
+
+def copy_repo(src, dst):
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
 
 @pytest.fixture
 def workspace(tmp_path):

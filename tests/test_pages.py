@@ -91,12 +91,10 @@ def test_checker_reports_cdn_requests_and_blank_charts(tmp_path):
 # -- the tiny pipeline ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    from test_pipeline import TINY, repro
+def repo(tiny_pipeline, tmp_path_factory):
+    from conftest import copy_repo
 
-    ws = demo.create(tmp_path_factory.mktemp("pages") / "repo", TINY,
-                     train_per_class=30, test_per_class=10, seed=0)
-    repro(ws)
+    ws = copy_repo(tiny_pipeline[0], tmp_path_factory.mktemp("pages") / "repo")
     demo.commit_baseline(ws)  # HEAD now has metrics, plots and images
     return ws
 

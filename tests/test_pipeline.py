@@ -12,19 +12,11 @@ from PIL import Image
 
 from ferpipe import demo, files, synthetic
 
-from conftest import ROOT, TINY_CNN, TINY_RUNTIME, TINY_TRAIN
+from conftest import ROOT, copy_repo
 
 pytestmark = pytest.mark.slow  # trains through the stages end to end
 
 DEFAULT_PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-TINY = {"train": TINY_TRAIN, "runtime": TINY_RUNTIME, "cnn": TINY_CNN, "infer": {"tta": "flip"},
-        "evaluate": {"misclassified": 8},
-        "saliency": {"per_class": 1, "smoothgrad_samples": 3},
-        "filters": {"layers": ["features.block1.conv1", "features.block2.conv1"], "filters": 4,
-                    "steps": 5, "feature_maps": 7, "dnn_units": 4},
-        "self_train": {"unlabeled_fraction": 0.5, "rounds": 1, "epochs": 0, "tta": "none"}}
-
-
 def ran(proc_output):
     return set(re.findall(r"Running stage '([a-z_]+)'", proc_output))
 
@@ -36,11 +28,9 @@ def repro(ws):
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    ws = demo.create(tmp_path_factory.mktemp("pipeline") / "repo", TINY,
-                     train_per_class=30, test_per_class=10, seed=0)
-    out = repro(ws)
-    return ws, out
+def repo(tiny_pipeline, tmp_path_factory):
+    ws, out = tiny_pipeline
+    return copy_repo(ws, tmp_path_factory.mktemp("pipeline") / "repo"), out
 
 
 def test_every_stage_runs_and_writes_its_outputs(repo):
@@ -50,7 +40,7 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
     # evaluate and predict say how far they are (a last line at least), like training
     assert re.search(r"\[evaluate\] cnn val, tta flip: 21/21 faces, .*done in", out)
     assert re.search(r"\[predict\] test, tta flip: 70/70 faces", out)
-    # TINY trains 2 epochs with the default 3 warm-up epochs: the run says so
+    # TINY_PIPELINE trains 2 epochs with the default 3 warm-up epochs: the run says so
     assert re.search(r"warning: train.warmup_epochs \(3(\.0)?\) >= train.epochs \(2\)", out)
     ev = json.loads((ws / "metrics/detail/evaluate.json").read_text())
     for kind in ("cnn", "dnn"):
