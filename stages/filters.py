@@ -1,6 +1,7 @@
 """Stage filters: what the CNN's filters respond to. Gradient ascent on the input (from
-noise, for two objectives, and from a real face) for the first filters of chosen layers, the feature maps of one
-face, the first convolution's kernels and the DNN's first-layer weights as images."""
+noise, for two objectives, and from a real face) for the first filters of chosen layers,
+the feature maps of one face, the first convolution's kernels and the DNN's first-layer
+weights as images."""
 from ferpipe import files, filters, models, params, paths, runtime
 from ferpipe.errors import run_stage
 from ferpipe.explain_figures import (dnn_weights_figure, face_trajectory_figure,

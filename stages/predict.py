@@ -14,7 +14,8 @@ def main():
     which, x, ids = infer.faces_to_predict(splits)
     rt = runtime.setup(runtime.load())
     model, ckpt = models.load(IN_MODEL, rt["device"])
-    probs = infer.predict(model, x, ckpt["input_size"], tta, rt, label=f"[predict] {which}, tta {tta}")
+    probs = infer.predict(model, x, ckpt["input_size"], tta, rt,
+                          label=f"[predict] {which}, tta {tta}")
     files.write_csv(OUT_CSV, infer.predictions_table(ids, probs))
     print(f"predict: {len(ids)} {which} faces labelled (tta {tta}, {rt['precision']}); "
           f"wrote {OUT_CSV}", flush=True)

@@ -24,10 +24,9 @@ import yaml
 from . import files, paths
 
 
-def _both(key, *files):
-    """The same key path in several files, first found wins (keys the declared metrics may
-    move to an undeclared detail file)."""
-    return tuple((f, key) for f in files)
+def _in(key, *rels):
+    """The sources of a metric: the same key path in each file, the first found wins."""
+    return tuple((rel, key) for rel in rels)
 
 
 # The full records (metrics/detail/): the declared metrics/*.json keep only a few short keys.
@@ -37,23 +36,23 @@ ST = (paths.SELF_TRAIN_DETAIL,)
 # Every metric the page shows: name -> (label, format, ((file, "dotted.key.path"), ...)).
 # Formats: pct (0.65 -> 65.00%), pts (difference in points), int, float, text, minutes.
 METRICS = {
-    "cnn_test": ("CNN PublicTest accuracy", "pct", _both("cnn.test.accuracy", *EV)),
+    "cnn_test": ("CNN PublicTest accuracy", "pct", _in("cnn.test.accuracy", *EV)),
     "cnn_test_unseen": ("CNN PublicTest accuracy, faces with no copy in Training", "pct",
-                        _both("cnn.test.unseen_accuracy", *EV)),
-    "cnn_test_f1": ("CNN PublicTest macro-F1", "float", _both("cnn.test.macro_f1", *EV)),
-    "cnn_test_tta": ("CNN test-time augmentation", "text", _both("cnn.test.tta", *EV)),
+                        _in("cnn.test.unseen_accuracy", *EV)),
+    "cnn_test_f1": ("CNN PublicTest macro-F1", "float", _in("cnn.test.macro_f1", *EV)),
+    "cnn_test_tta": ("CNN test-time augmentation", "text", _in("cnn.test.tta", *EV)),
     "cnn_test_single": ("CNN PublicTest accuracy, single crop", "pct",
-                        _both("cnn.test.single_crop_accuracy", *EV)),
-    "cnn_val": ("CNN validation accuracy", "pct", _both("cnn.val.accuracy", *EV)),
-    "dnn_test": ("DNN PublicTest accuracy", "pct", _both("dnn.test.accuracy", *EV)),
-    "dnn_val": ("DNN validation accuracy", "pct", _both("dnn.val.accuracy", *EV)),
+                        _in("cnn.test.single_crop_accuracy", *EV)),
+    "cnn_val": ("CNN validation accuracy", "pct", _in("cnn.val.accuracy", *EV)),
+    "dnn_test": ("DNN PublicTest accuracy", "pct", _in("dnn.test.accuracy", *EV)),
+    "dnn_val": ("DNN validation accuracy", "pct", _in("dnn.val.accuracy", *EV)),
     "gain_test": ("CNN over DNN on PublicTest", "pts",
-                  _both("comparison.test_accuracy_gain_cnn_over_dnn", *EV)),
+                  _in("comparison.test_accuracy_gain_cnn_over_dnn", *EV)),
     "gain_val": ("CNN over DNN on validation", "pts",
-                 _both("comparison.val_accuracy_gain_cnn_over_dnn", *EV)),
-    "param_gap": ("DNN parameter gap to the CNN", "pct", _both("comparison.param_gap", *EV)),
+                 _in("comparison.val_accuracy_gain_cnn_over_dnn", *EV)),
+    "param_gap": ("DNN parameter gap to the CNN", "pct", _in("comparison.param_gap", *EV)),
     "epoch_ratio": ("DNN epoch time / CNN epoch time", "float",
-                    _both("comparison.epoch_time_ratio_dnn_to_cnn", *EV)),
+                    _in("comparison.epoch_time_ratio_dnn_to_cnn", *EV)),
     "cnn_params": ("CNN parameters", "int", ((paths.TRAIN_METRICS["cnn"], "params"),)),
     "dnn_params": ("DNN parameters", "int", ((paths.TRAIN_METRICS["dnn"], "params"),)),
     "cnn_epochs": ("CNN epochs trained", "int", ((paths.TRAIN_METRICS["cnn"], "epochs"),)),
@@ -66,15 +65,15 @@ METRICS = {
     "dnn_minutes": ("DNN training time", "minutes",
                     ((paths.TRAIN_METRICS["dnn"], "train_minutes"),)),
     "temperature": ("fitted temperature", "float",
-                    (*_both("cnn.calibration.temperature", *EV), (paths.CALIBRATION, "temperature"))),
+                    (*_in("cnn.calibration.temperature", *EV), (paths.CALIBRATION, "temperature"))),
     "ece_test": ("CNN PublicTest ECE before calibration", "float",
-                 _both("cnn.calibration.test.ece", *EV)),
+                 _in("cnn.calibration.test.ece", *EV)),
     "ece_test_cal": ("CNN PublicTest ECE after calibration", "float",
-                     _both("cnn.calibration.test.ece_calibrated", *EV)),
+                     _in("cnn.calibration.test.ece_calibrated", *EV)),
     "ece_val": ("CNN validation ECE before calibration", "float",
-                _both("cnn.calibration.val.ece", *EV)),
+                _in("cnn.calibration.val.ece", *EV)),
     "ece_val_cal": ("CNN validation ECE after calibration", "float",
-                    _both("cnn.calibration.val.ece_calibrated", *EV)),
+                    _in("cnn.calibration.val.ece_calibrated", *EV)),
     "faces": ("faces read", "int", ((paths.DATA_METRICS, "faces"),)),
     "distinct": ("distinct faces", "int", ((paths.DATA_METRICS, "duplicates.exact.distinct"),)),
     "seen_test": ("PublicTest faces with a copy in Training", "int",
@@ -82,16 +81,16 @@ METRICS = {
     "train_faces": ("training faces", "int", ((paths.SPLIT_METRICS, "train.total"),)),
     "val_faces": ("validation faces", "int", ((paths.SPLIT_METRICS, "val.total"),)),
     "test_faces": ("PublicTest faces", "int", ((paths.SPLIT_METRICS, "test.total"),)),
-    "st_labelled": ("self-training: labelled share", "pct", _both("labelled_fraction", *ST)),
+    "st_labelled": ("self-training: labelled share", "pct", _in("labelled_fraction", *ST)),
     "st_base": ("self-training: labelled part alone, PublicTest", "pct",
-                _both("baseline.test.accuracy", *ST)),
+                _in("baseline.test.accuracy", *ST)),
     "st_self": ("self-training: self-trained, PublicTest", "pct",
-                _both("self_trained.test.accuracy", *ST)),
-    "st_round": ("self-training: round chosen on validation", "int", _both("self_trained.round", *ST)),
-    "st_gain": ("self-training gain on PublicTest", "pts", _both("gain", *ST)),
+                _in("self_trained.test.accuracy", *ST)),
+    "st_round": ("self-training: round chosen on validation", "int", _in("self_trained.round", *ST)),
+    "st_gain": ("self-training gain on PublicTest", "pts", _in("gain", *ST)),
     "st_pseudo_acc": ("self-training: pseudo-label accuracy", "pct",
-                      _both("self_trained.pseudo_label_accuracy", *ST)),
-    "st_minutes": ("self-training time", "minutes", _both("minutes", *ST)),
+                      _in("self_trained.pseudo_label_accuracy", *ST)),
+    "st_minutes": ("self-training time", "minutes", _in("minutes", *ST)),
     "saliency_corr": ("saliency: vanilla vs Grad-CAM correlation", "float",
                       ((paths.SALIENCY_METRICS, "correlation_vanilla_gradcam"),)),
 }
