@@ -29,12 +29,12 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	$(PY) -m ferpipe.demo
+	$(PY) -m ferpipe.tools.demo
 
 # The GPU path on a synthetic set: device auto, bf16 where the GPU has it, DDP over NCCL with
 # 2+ GPUs; prints training images/s and fails if the GPU was not used as asked.
 gpu-check: install
-	$(PY) -m ferpipe.gpu_check
+	$(PY) -m ferpipe.tools.gpu_check
 
 # Copy the shared FER2013 archive into data/raw/ when it is there and nothing else is. A copy,
 # not a symbolic link: prepare refuses links that point out of the raw folder. An older
@@ -53,7 +53,7 @@ run: install data
 # One self-contained HTML page of the run in this folder (after dvc repro): report.html,
 # git-ignored, viewable offline (images inlined, no scripts).
 report: install
-	$(PY) -m ferpipe.report --out report.html
+	$(PY) -m ferpipe.tools.report --out report.html
 
 clean-demo:
 	rm -rf demo

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ferpipe import evaluation, files, infer, models, params, paths, plots, runtime
+from ferpipe import files, params, paths, plots, runtime
 from ferpipe.errors import run_stage
+from ferpipe.evaluation import calibration, scores
+from ferpipe.model import infer, networks
 
 IN_SPLITS = paths.SPLITS
 IN_MODELS = paths.MODEL
@@ -20,26 +22,26 @@ OUT_PER_CLASS = paths.PER_CLASS
 OUT_COMPARISON = paths.COMPARISON
 OUT_CURVES = paths.TRAINING_CURVES
 OUT_CONFUSION = {(kind, split, suffix): paths.confusion(kind, split, suffix)
-                 for kind in paths.KINDS for split in evaluation.SPLITS for suffix in ("csv", "png")}
+                 for kind in paths.KINDS for split in scores.SPLITS for suffix in ("csv", "png")}
 OUT_MISCLASSIFIED = paths.MISCLASSIFIED
 OUT_RELIABILITY = paths.RELIABILITY
 OUT_CALIBRATION = paths.CALIBRATION
 
 
 def main():
-    p = params.load({"infer": infer.SCHEMA, "evaluate": evaluation.SCHEMA})
+    p = params.load({"infer": infer.SCHEMA, "evaluate": scores.SCHEMA})
     rt = runtime.setup(runtime.load())
     splits = files.load_npz(IN_SPLITS, "data splits")
     summary, per_class, outputs = {}, {}, {}
     for kind in paths.KINDS:
-        model, ckpt = models.load(IN_MODELS[kind], rt["device"])
+        model, ckpt = networks.load(IN_MODELS[kind], rt["device"])
         trained = json.loads(Path(IN_TRAIN_METRICS[kind]).read_text())
         # Parameters of one network: the DNN is matched to one CNN, not to an ensemble.
-        summary[kind] = {"params": models.count_params(models.single(model)),
+        summary[kind] = {"params": networks.count_params(networks.single(model)),
                          "seconds_per_epoch": trained["seconds_per_epoch"]}
         if ckpt.get("members", 1) > 1:
             summary[kind]["members"] = ckpt["members"]
-        res = evaluation.evaluate_model(kind, model, ckpt["input_size"], splits, p["infer"]["tta"],
+        res = scores.evaluate_model(kind, model, ckpt["input_size"], splits, p["infer"]["tta"],
                                         p["evaluate"], rt)
         summary[kind].update(res["summary"])
         per_class[kind] = res["per_class"]
@@ -48,16 +50,16 @@ def main():
             outputs[OUT_CONFUSION[kind, split, "png"]] = res["figures"][split]
         outputs[OUT_MISCLASSIFIED[kind]] = res["figures"]["misclassified"]
         if kind == "cnn":
-            cal, outputs[OUT_RELIABILITY] = evaluation.calibrate(
+            cal, outputs[OUT_RELIABILITY] = calibration.calibrate(
                 model, ckpt["input_size"], splits, p["infer"]["tta"], rt)
             summary[kind]["calibration"] = cal
-            outputs[OUT_CALIBRATION] = evaluation.calibration_record(
+            outputs[OUT_CALIBRATION] = calibration.calibration_record(
                 IN_MODELS[kind], files.sha256(IN_MODELS[kind]), summary[kind])
-    summary["comparison"] = evaluation.comparison(summary)
+    summary["comparison"] = scores.comparison(summary)
     summary["runtime"] = runtime.record(rt)
-    outputs.update({OUT_METRICS: evaluation.headline(summary), OUT_DETAIL: summary,
+    outputs.update({OUT_METRICS: scores.headline(summary), OUT_DETAIL: summary,
                     OUT_PER_CLASS: per_class,
-                    OUT_COMPARISON: evaluation.comparison_table(summary),
+                    OUT_COMPARISON: scores.comparison_table(summary),
                     OUT_CURVES: plots.training_curves({k: pd.read_csv(v) for k, v in IN_HISTORY.items()})})
     files.write_outputs(outputs)
 

@@ -4,8 +4,10 @@ release/, which git carries, so a fresh clone classifies without training."""
 import json
 from pathlib import Path
 
-from ferpipe import export, files, models, params, paths, release, runtime
+from ferpipe import files, params, paths, runtime
 from ferpipe.errors import run_stage
+from ferpipe.model import networks
+from ferpipe.use import export, release
 
 IN_MODEL = paths.MODEL["cnn"]
 IN_CALIBRATION = paths.CALIBRATION
@@ -18,7 +20,7 @@ OUT_CARD = paths.RELEASE_CARD
 def main():
     settings = params.load({"export": export.SCHEMA})["export"]
     rt = runtime.setup(runtime.load())
-    model, ckpt = models.load(IN_MODEL)
+    model, ckpt = networks.load(IN_MODEL)
     calibration = release.read_calibration(IN_CALIBRATION, IN_MODEL)
     splits = files.load_npz(IN_SPLITS, "data splits", ("train_y", "val_x", "val_y", "test_y"))
     data = json.loads(Path(IN_DATA_METRICS).read_text())

@@ -2,11 +2,18 @@
 noise, for two objectives, and from a real face) for the first filters of chosen layers,
 the feature maps of one face, the first convolution's kernels and the DNN's first-layer
 weights as images."""
-from ferpipe import files, filters, models, params, paths, runtime
+from ferpipe import files, params, paths, runtime
 from ferpipe.errors import run_stage
-from ferpipe.explain_figures import (dnn_weights_figure, face_trajectory_figure,
-                                     feature_maps_figure, filters_figure, kernels_figure)
+from ferpipe.explanations import filters
+from ferpipe.explanations.figures import (
+    dnn_weights_figure,
+    face_trajectory_figure,
+    feature_maps_figure,
+    filters_figure,
+    kernels_figure,
+)
 from ferpipe.files import save_figure, write_json
+from ferpipe.model import networks
 
 IN_SPLITS = paths.SPLITS
 IN_CNN = paths.MODEL["cnn"]
@@ -25,9 +32,9 @@ def main():
     # Gradients stay in fp32 (bf16 would blur small saliency values); threads and device
     # come from the runtime section.
     device = runtime.setup(runtime.load())["device"]
-    cnn, cnn_ckpt = models.load(IN_CNN, device)
-    cnn = models.single(cnn)  # an ensemble is explained through its first network
-    dnn, _ = models.load(IN_DNN, device)
+    cnn, cnn_ckpt = networks.load(IN_CNN, device)
+    cnn = networks.single(cnn)  # an ensemble is explained through its first network
+    dnn, _ = networks.load(IN_DNN, device)
     res = filters.filters_study(cnn, cnn_ckpt["input_size"], dnn, splits["val_x"],
                                 splits["val_y"], p)
     save_figure(OUT_FROM_NOISE, filters_figure(res))

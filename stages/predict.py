@@ -1,7 +1,8 @@
 """Stage predict: label the unlabelled faces (or the test split when there are none) with
 the CNN, as an `id,label` CSV."""
-from ferpipe import files, infer, models, params, paths, runtime
+from ferpipe import files, params, paths, runtime
 from ferpipe.errors import run_stage
+from ferpipe.model import infer, networks
 
 IN_SPLITS = paths.SPLITS
 IN_MODEL = paths.MODEL["cnn"]
@@ -13,7 +14,7 @@ def main():
     splits = files.load_npz(IN_SPLITS, "data splits")
     which, x, ids = infer.faces_to_predict(splits)
     rt = runtime.setup(runtime.load())
-    model, ckpt = models.load(IN_MODEL, rt["device"])
+    model, ckpt = networks.load(IN_MODEL, rt["device"])
     probs = infer.predict(model, x, ckpt["input_size"], tta, rt,
                           label=f"[predict] {which}, tta {tta}")
     files.write_csv(OUT_CSV, infer.predictions_table(ids, probs))

@@ -1,7 +1,8 @@
 """Stage prepare: read the raw FER2013 data in whichever form it comes, validate every row
 and image, find duplicate faces, and write one compact array file (with each face's
 duplicate group) plus counts, a class-distribution chart and a figure of duplicate groups."""
-from ferpipe import data, duplicates, files, params, paths, plots
+from ferpipe import files, params, paths, plots
+from ferpipe.data import duplicates, forms
 from ferpipe.errors import run_stage
 
 OUT_DATA = paths.PREPARED
@@ -11,8 +12,8 @@ OUT_DUPLICATES_PLOT = paths.DUPLICATES_FIGURE
 
 
 def main():
-    p = params.load({"prepare": data.PREPARE_SCHEMA})["prepare"]
-    arrays, report = data.read_raw(p["raw"], p["on_error"], p["max_image_pixels"],
+    p = params.load({"prepare": forms.PREPARE_SCHEMA})["prepare"]
+    arrays, report = forms.read_raw(p["raw"], p["on_error"], p["max_image_pixels"],
                                    p["max_archive_bytes"], p["max_archive_entries"])
     print(f"prepare: {report['faces']} faces from {report['form']} ({', '.join(report['files'])}); "
           f"{report['skipped']} skipped, {report['converted_rgb']} converted from colour, "
@@ -23,7 +24,7 @@ def main():
                                                                  p["dedupe"])
     if p["dedupe"] == "drop_from_train":
         # faces and counts describe the file written, the duplicate counts the data as read.
-        report["faces"], report["counts"] = int(len(arrays["labels"])), data.count_by_usage(arrays)
+        report["faces"], report["counts"] = int(len(arrays["labels"])), forms.count_by_usage(arrays)
     print(duplicates.summary(report["duplicates"]), flush=True)
     files.save_npz(OUT_DATA, **arrays, group=group)
     files.write_outputs({

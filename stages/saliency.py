@@ -1,11 +1,16 @@
 """Stage saliency: where the CNN looks. Vanilla gradient, SmoothGrad and Grad-CAM maps on
 chosen validation faces, the same faces through the DNN, and class-average maps over the
 whole validation split."""
-from ferpipe import files, models, params, paths, runtime, saliency
+from ferpipe import files, params, paths, runtime
 from ferpipe.errors import run_stage
-from ferpipe.explain_figures import (class_average_figure, model_comparison_figure,
-                                     saliency_faces_figure)
+from ferpipe.explanations import saliency
+from ferpipe.explanations.figures import (
+    class_average_figure,
+    model_comparison_figure,
+    saliency_faces_figure,
+)
 from ferpipe.files import save_figure, write_json
+from ferpipe.model import networks
 
 IN_SPLITS = paths.SPLITS
 IN_CNN = paths.MODEL["cnn"]
@@ -22,9 +27,9 @@ def main():
     # Gradients stay in fp32 (bf16 would blur small saliency values); threads and device
     # come from the runtime section.
     device = runtime.setup(runtime.load())["device"]
-    cnn, cnn_ckpt = models.load(IN_CNN, device)
-    cnn = models.single(cnn)  # an ensemble is explained through its first network
-    dnn, dnn_ckpt = models.load(IN_DNN, device)
+    cnn, cnn_ckpt = networks.load(IN_CNN, device)
+    cnn = networks.single(cnn)  # an ensemble is explained through its first network
+    dnn, dnn_ckpt = networks.load(IN_DNN, device)
     res = saliency.saliency_study(cnn, cnn_ckpt["input_size"], dnn, dnn_ckpt["input_size"],
                                   splits["val_x"], splits["val_y"], p)
     save_figure(OUT_FACES, saliency_faces_figure(res))

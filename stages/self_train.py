@@ -1,8 +1,10 @@
 """Stage self_train: how much do unlabelled faces help? Hide most training labels, train the
 CNN on the rest (the baseline), then self-train in rounds on confident pseudo-labels and
 compare; the hidden labels only score the pseudo-labels."""
-from ferpipe import distributed, files, models, params, paths, runtime, selftrain, train
+from ferpipe import files, params, paths, runtime
 from ferpipe.errors import run_stage
+from ferpipe.model import networks
+from ferpipe.training import distributed, selftrain, train
 
 IN_SPLITS = paths.SPLITS
 OUT_MODEL = paths.SELF_TRAIN_MODEL
@@ -17,19 +19,19 @@ RESUME_PREFIX = paths.SELF_TRAIN_RESUME
 
 def main():
     rt = distributed.setup(runtime.load())  # under torchrun when runtime.processes > 1
-    p = params.load({"cnn": models.CNN_SCHEMA, "train": train.SCHEMA,
+    p = params.load({"cnn": networks.CNN_SCHEMA, "train": train.SCHEMA,
                      "self_train": selftrain.SCHEMA})
-    arch, training, st = models.resolve_cnn_config(p["cnn"]), p["train"], p["self_train"]
+    arch, training, st = networks.resolve_cnn_config(p["cnn"]), p["train"], p["self_train"]
     splits = files.load_npz(IN_SPLITS, "data splits")
-    result = selftrain.run(lambda: models.FerCNN(arch, training["crop"]), splits, training, st,
+    result = selftrain.run(lambda: networks.FerCNN(arch, training["crop"]), splits, training, st,
                            rt, RESUME_PREFIX, IN_SPLITS, LIVE)
-    model = models.FerCNN(arch, training["crop"])
+    model = networks.FerCNN(arch, training["crop"])
     model.load_state_dict(result["state"])
     if not distributed.is_main():  # rank 0 alone writes
         return
     m = selftrain.metrics(result)
     files.write_outputs({
-        OUT_MODEL: models.checkpoint(model, "cnn", arch, training["crop"],
+        OUT_MODEL: networks.checkpoint(model, "cnn", arch, training["crop"],
                                      selftrain.checkpoint_meta(result)),
         OUT_METRICS: selftrain.headline(m), OUT_DETAIL: m,
         OUT_ROUNDS: selftrain.rounds_table(result)})

@@ -2,7 +2,8 @@
 duplicate faces wholly on one side; PublicTest is the test set, PrivateTest (when present) a
 second one, unlabelled faces are kept for predict. Test faces with a copy in Training are
 marked (test_seen, private_seen) so their share of a test score can be told apart."""
-from ferpipe import data, params, paths
+from ferpipe import params, paths
+from ferpipe.data import split
 from ferpipe.errors import run_stage
 from ferpipe.files import save_npz, write_json
 
@@ -12,9 +13,9 @@ OUT_METRICS = paths.SPLIT_METRICS
 
 
 def main():
-    p = params.load({"split": data.SPLIT_SCHEMA})["split"]
-    splits = data.split(data.load_prepared(IN_DATA), p["val_fraction"], p["seed"], IN_DATA)
-    counts = data.split_counts(splits)
+    p = params.load({"split": split.SCHEMA})["split"]
+    splits = split.carve(split.load_prepared(IN_DATA), p["val_fraction"], p["seed"], IN_DATA)
+    counts = split.split_counts(splits)
     for name in ("test", "private"):
         counts[name]["seen_in_training"] = int(splits[f"{name}_seen"].sum())
     print("split: " + ", ".join(f"{k} {v['total']}" for k, v in counts.items())

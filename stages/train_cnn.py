@@ -1,7 +1,9 @@
 """Stage train_cnn: train the configurable CNN (or an ensemble of them, ensemble.members);
 keep the weights best on validation."""
-from ferpipe import distributed, files, models, params, paths, runtime, train
+from ferpipe import files, params, paths, runtime
 from ferpipe.errors import run_stage
+from ferpipe.model import networks
+from ferpipe.training import distributed, train
 
 IN_SPLITS = paths.SPLITS
 OUT_MODEL = paths.MODEL["cnn"]
@@ -16,11 +18,11 @@ LIVE = paths.LIVE["cnn"]
 
 def main():
     rt = distributed.setup(runtime.load())  # under torchrun when runtime.processes > 1
-    p = params.load({"cnn": models.CNN_SCHEMA, "train": train.SCHEMA,
-                     "ensemble": models.ENSEMBLE_SCHEMA})
-    arch, training = models.resolve_cnn_config(p["cnn"]), p["train"]
+    p = params.load({"cnn": networks.CNN_SCHEMA, "train": train.SCHEMA,
+                     "ensemble": networks.ENSEMBLE_SCHEMA})
+    arch, training = networks.resolve_cnn_config(p["cnn"]), p["train"]
     splits = files.load_npz(IN_SPLITS, "data splits")
-    result = train.run("cnn", lambda: models.FerCNN(arch, training["crop"]), arch, splits,
+    result = train.run("cnn", lambda: networks.FerCNN(arch, training["crop"]), arch, splits,
                        training, rt, RESUME, p["ensemble"]["members"],
                        live_dir=LIVE)
     if distributed.is_main():  # the only process that writes

@@ -1,7 +1,9 @@
 """Stage train_dnn: a fully connected network whose hidden widths are computed so its
 parameter count matches the CNN's, trained by the same loop with the same settings."""
-from ferpipe import distributed, files, models, params, paths, runtime, train
+from ferpipe import files, params, paths, runtime
 from ferpipe.errors import run_stage
+from ferpipe.model import networks
+from ferpipe.training import distributed, train
 
 IN_SPLITS = paths.SPLITS
 OUT_MODEL = paths.MODEL["dnn"]
@@ -16,15 +18,15 @@ LIVE = paths.LIVE["dnn"]
 
 def main():
     rt = distributed.setup(runtime.load())  # under torchrun when runtime.processes > 1
-    p = params.load({"cnn": models.CNN_SCHEMA, "dnn": models.DNN_SCHEMA, "train": train.SCHEMA})
+    p = params.load({"cnn": networks.CNN_SCHEMA, "dnn": networks.DNN_SCHEMA, "train": train.SCHEMA})
     training = p["train"]
-    target = models.count_params(models.FerCNN(models.resolve_cnn_config(p["cnn"]),
+    target = networks.count_params(networks.FerCNN(networks.resolve_cnn_config(p["cnn"]),
                                                training["crop"]))
-    widths = models.dnn_widths(p["dnn"], training["crop"], target)
+    widths = networks.dnn_widths(p["dnn"], training["crop"], target)
     print(f"dnn: hidden widths {widths} to match the CNN's {target:,} parameters", flush=True)
     splits = files.load_npz(IN_SPLITS, "data splits")
     config = {**p["dnn"], "widths": widths}
-    result = train.run("dnn", lambda: models.build("dnn", config, training["crop"]), config,
+    result = train.run("dnn", lambda: networks.build("dnn", config, training["crop"]), config,
                        splits, training, rt, RESUME, live_dir=LIVE)
     if distributed.is_main():  # the only process that writes
         files.write_outputs({OUT_MODEL: result["checkpoint"], OUT_METRICS: result["metrics"],

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ferpipe.demo import merge
+from ferpipe.tools.demo import merge
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ class Workspace:
 def prepared_workspace(path, **sections):
     """A Workspace at `path` with synthetic raw faces (80 a class), `sections` merged into
     params.yaml, prepared and split: ready to train."""
-    from ferpipe import synthetic
+    from ferpipe.tools import synthetic
 
     path.mkdir()
     ws = Workspace(path)
@@ -95,7 +95,7 @@ def tiny_pipeline(tmp_path_factory):
     """The tiny pipeline in a git + DVC repository, reproduced once per session: (folder,
     what `dvc repro` printed). Modules work on copies (`copy_repo`): their tests change
     params, run experiments and commit."""
-    from ferpipe import demo
+    from ferpipe.tools import demo
 
     ws = demo.create(tmp_path_factory.mktemp("tiny") / "repo", TINY_PIPELINE,
                      train_per_class=30, test_per_class=10, seed=0)
@@ -122,12 +122,13 @@ def save_tiny_cnn(path, members=1, seed=0, crop=40, **arch):
     Returns (model, checkpoint)."""
     import torch
 
-    from ferpipe import files, models
+    from ferpipe import files
+    from ferpipe.model import networks
 
-    config = models.resolve_cnn_config({**yaml.safe_load((ROOT / "params.yaml").read_text())["cnn"],
+    config = networks.resolve_cnn_config({**yaml.safe_load((ROOT / "params.yaml").read_text())["cnn"],
                                         **TINY_CNN, **arch})
     torch.manual_seed(seed)
-    model = models.build("cnn", config, crop, members).eval()
-    ckpt = models.checkpoint(model, "cnn", config, crop, {"crop": crop})
+    model = networks.build("cnn", config, crop, members).eval()
+    ckpt = networks.checkpoint(model, "cnn", config, crop, {"crop": crop})
     files.save_torch(path, ckpt)
     return model, ckpt

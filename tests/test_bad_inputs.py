@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
-from ferpipe import EMOTIONS, data, duplicates, files, synthetic
+from ferpipe import files
+from ferpipe.constants import EMOTIONS
+from ferpipe.data import duplicates, forms
+from ferpipe.tools import synthetic
 
 # 1 face per class for Training and for PublicTest: 14 rows, fast to write and parse.
 TRAIN = synthetic.make_faces(1, seed=0)
@@ -164,7 +167,7 @@ def prepared(edit=None):
         with tempfile.TemporaryDirectory(prefix="ferbad-") as folder:
             synthetic.write_fer2013_csv(Path(folder) / "fer2013.csv",
                                         {"Training": TRAIN, "PublicTest": TEST})
-            arrays, _ = data.read_raw(folder)
+            arrays, _ = forms.read_raw(folder)
         arrays["group"] = duplicates.find_groups(arrays["images"])[0]
         target = ws.path / "data/prepared/faces.npz"
         if edit is None:

@@ -3,7 +3,9 @@ fitted on validation, on logits whose right temperature is known."""
 import numpy as np
 import pytest
 
-from ferpipe import evaluation, infer, plots
+from ferpipe import plots
+from ferpipe.evaluation import calibration
+from ferpipe.model import infer
 
 from conftest import save_tiny_cnn, tiny_runtime
 
@@ -20,23 +22,23 @@ def overconfident(n=20000, views=2, scale=3.0, seed=0):
 
 def test_the_fitted_temperature_undoes_overconfidence():
     logits, y = overconfident()
-    t = evaluation.fit_temperature(logits, y)
+    t = calibration.fit_temperature(logits, y)
     assert t == pytest.approx(3.0, rel=0.05)
-    before, after = evaluation.tempered(logits, 1.0), evaluation.tempered(logits, t)
-    assert evaluation.ece(after, y) < 0.02 < evaluation.ece(before, y)
-    assert evaluation.nll(logits, y, t) < evaluation.nll(logits, y, 1.0)
+    before, after = calibration.tempered(logits, 1.0), calibration.tempered(logits, t)
+    assert calibration.ece(after, y) < 0.02 < calibration.ece(before, y)
+    assert calibration.nll(logits, y, t) < calibration.nll(logits, y, 1.0)
     assert (after.argmax(1) == before.argmax(1)).all()  # one view's label never changes
 
 
 def test_ece_and_the_reliability_bins():
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
     y = np.array([0, 0, 0, 1])
-    rows = evaluation.reliability(probs, y, bins=10)
+    rows = calibration.reliability(probs, y, bins=10)
     assert [r["count"] for r in rows] == [0] * 6 + [2, 0, 0, 2]
     assert rows[9]["accuracy"] == 1.0 and rows[6]["accuracy"] == 0.5
     # (2 * |1 - 0.9| + 2 * |0.5 - 0.6|) / 4
-    assert evaluation.ece(probs, y, bins=10) == pytest.approx(0.1)
-    assert evaluation.ece(np.array([[1.0, 0.0]]), np.array([0])) == 0  # top bin holds 1.0
+    assert calibration.ece(probs, y, bins=10) == pytest.approx(0.1)
+    assert calibration.ece(np.array([[1.0, 0.0]]), np.array([0])) == 0  # top bin holds 1.0
 
 
 def test_calibrate_matches_predict_and_draws_the_diagram(tmp_path):
@@ -45,14 +47,14 @@ def test_calibrate_matches_predict_and_draws_the_diagram(tmp_path):
     splits = {f"{s}_x": rng.integers(0, 256, (40, 48, 48), dtype=np.uint8) for s in ("val", "test")}
     splits.update({f"{s}_y": rng.integers(0, 7, 40) for s in ("val", "test")})
     rt = tiny_runtime(precision="fp32")
-    summary, fig = evaluation.calibrate(model, 40, splits, "flip", rt)
+    summary, fig = calibration.calibrate(model, 40, splits, "flip", rt)
     assert set(summary) == {"temperature", "tta", "fitted_on", "bins", "val", "test"}
     assert summary["val"]["nll_calibrated"] <= summary["val"]["nll"] + 1e-9
     logits = infer.view_logits(model, splits["val_x"], 40, "flip", rt)
     assert logits.shape == (40, 2, 7)
     # The tempered mean of the views is what predict gives with that temperature.
     t = summary["temperature"]
-    assert np.abs(evaluation.tempered(logits, t)
+    assert np.abs(calibration.tempered(logits, t)
                   - infer.predict(model, splits["val_x"], 40, "flip", rt, t)).max() < 1e-5
     assert len(fig.axes) == 2
     plots.plt.close(fig)

@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferpipe import EMOTIONS, classify, faces, files, infer, models, release, synthetic
+from ferpipe import files
+from ferpipe.constants import EMOTIONS
+from ferpipe.model import infer, networks
+from ferpipe.tools import synthetic
+from ferpipe.use import classify, faces, release
 
 from conftest import save_tiny_cnn, tiny_runtime
 
@@ -92,7 +96,7 @@ def test_no_detect_gives_evaluates_single_crop_predictions(model_path, tmp_path,
     folder.mkdir()
     for i, face in enumerate(x):
         Image.fromarray(face).save(folder / f"{i:03d}.png")
-    model, ckpt = models.load(model_path)
+    model, ckpt = networks.load(model_path)
     rt = tiny_runtime(precision="fp32")
     single = infer.predict(model, x, ckpt["input_size"], "none", rt)  # evaluate's single crop
     calibration = model_path.with_name("calibration.json")

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ferpipe import data
+from ferpipe import constants
+from ferpipe.data import forms
 from ferpipe.errors import FerPipeError
 
 PIXELS = 48 * 48
@@ -145,7 +146,7 @@ def check_problems(problems, path, n):
 
 
 def parse(reader, *args):
-    faces, problems = data.Faces(), data.Problems()
+    faces, problems = forms.Faces(), forms.Problems()
     try:
         reader(*args, faces, problems)
     except FerPipeError:
@@ -161,7 +162,7 @@ def test_fer2013_rows_parse_exactly_or_are_reported(rows):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "fer2013.csv"
         write_csv(path, ["emotion", "pixels", "Usage"], rows)
-        faces, problems = parse(data.read_fer2013_csv, path)
+        faces, problems = parse(forms.read_fer2013_csv, path)
     rows = [r for r in rows if not is_blank(r)]
     if faces is None:
         assert not rows, "FerPipeError although the file has data rows"
@@ -178,7 +179,7 @@ def test_fer2013_rows_parse_exactly_or_are_reported(rows):
     for k, (label, image, usage) in enumerate(expected):
         assert faces.labels[k] == label
         np.testing.assert_array_equal(faces.images[k], image)
-        assert faces.usage[k] == data.USAGES.index(usage)
+        assert faces.usage[k] == constants.USAGES.index(usage)
     check_problems(problems, path, len(rows) - len(expected))
 
 
@@ -190,7 +191,7 @@ def test_course_rows_parse_exactly_or_are_reported(rows):
         train_path, test_path = Path(d) / "train.csv", Path(d) / "test.csv"
         write_csv(train_path, ["label", "feature"], train_rows)
         write_csv(test_path, ["id", "feature"], test_rows)
-        faces, problems = parse(data.read_course_csv, train_path, test_path)
+        faces, problems = parse(forms.read_course_csv, train_path, test_path)
     train_rows = [r for r in train_rows if not is_blank(r)]
     test_rows = [r for r in test_rows if not is_blank(r)]
     if faces is None:
@@ -209,12 +210,12 @@ def test_course_rows_parse_exactly_or_are_reported(rows):
             ident, image = clean(r[0]), expected_image(r[1])
             if ident and image is not None and ident not in seen:
                 seen.add(ident)
-                expected.append((data.UNLABELLED, image, "Unlabelled"))
+                expected.append((constants.UNLABELLED, image, "Unlabelled"))
     assert len(faces.images) == len(expected)
     for k, (label, image, usage) in enumerate(expected):
         assert faces.labels[k] == label
         np.testing.assert_array_equal(faces.images[k], image)
-        assert faces.usage[k] == data.USAGES.index(usage)
+        assert faces.usage[k] == constants.USAGES.index(usage)
     check_problems(problems, train_path, len(train_rows) - n_train)
     check_problems(problems, test_path, len(test_rows) - (len(expected) - n_train))
 
@@ -228,7 +229,7 @@ def test_any_bytes_give_faces_or_the_projects_own_error(blob, on_error):
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "fer2013.csv").write_bytes(blob)
         try:
-            arrays, report = data.read_raw(d, on_error=on_error)
+            arrays, report = forms.read_raw(d, on_error=on_error)
         except FerPipeError as err:
             assert str(err)
             return
@@ -249,7 +250,7 @@ def test_any_bytes_give_faces_or_the_projects_own_error(blob, on_error):
     ("1 " * (PIXELS - 1) + "-7", "pixel 2304 is -7, outside 0..255"),
 ])
 def test_pixel_strings_are_strict(text, problem):
-    image, why = data._parse_pixels(text)
+    image, why = forms._parse_pixels(text)
     if problem is None:
         assert why is None and image.shape == (48, 48)
     else:

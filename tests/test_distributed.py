@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume import assert_same_result, checkpoint_epoch, copy_of, result
 
-from ferpipe import synthetic
+from ferpipe.tools import synthetic
 
 from conftest import TINY_CNN, TINY_RUNTIME, TINY_TRAIN, prepared_workspace, stage_env
-from test_resume import assert_same_result, checkpoint_epoch, copy_of, result
 
 pytestmark = pytest.mark.slow  # trains through the stages, several processes at a time
 
@@ -209,23 +209,25 @@ def test_two_launchers_on_localhost_make_the_same_run(template, two, tmp_path):
 def _fit_on_rank(rank, port, out):
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from ferpipe import distributed
+    from ferpipe.training import distributed
 
     rt = distributed.setup({**RUNTIME, "processes": 1})
     torch.save({bn: fit(bn, rt) for bn in (False, True)}, f"{out}.{rank}")
 
 
 def fit(batch_norm, rt):
-    from ferpipe import models, params, train
+    from ferpipe import params
+    from ferpipe.model import networks
+    from ferpipe.training import train
 
-    p = params.load({"cnn": models.CNN_SCHEMA, "train": train.SCHEMA},
+    p = params.load({"cnn": networks.CNN_SCHEMA, "train": train.SCHEMA},
                     Path(__file__).resolve().parents[1] / "params.yaml")
-    arch = models.resolve_cnn_config({**p["cnn"], **TINY_CNN, "batch_norm": batch_norm,
+    arch = networks.resolve_cnn_config({**p["cnn"], **TINY_CNN, "batch_norm": batch_norm,
                                       "head_dropout": 0.0})
     cfg = {**p["train"], **TRAIN, "epochs": 2, "batch_size": 16, "ema_decay": 0.9}
     data = synthetic.make_faces(12, seed=0), synthetic.make_faces(4, seed=1)
     torch.manual_seed(cfg["seed"])
-    best, hist, _ = train.fit(models.FerCNN(arch, cfg["crop"]), *data, cfg, rt, "cnn")
+    best, hist, _ = train.fit(networks.FerCNN(arch, cfg["crop"]), *data, cfg, rt, "cnn")
     timing = {"seconds", "images_per_second"}
     return best, [{k: v for k, v in row.items() if k not in timing} for row in hist]
 

@@ -10,10 +10,12 @@ import pytest
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from ferpipe import data, duplicates, files, synthetic
+from ferpipe import constants, files
+from ferpipe.data import duplicates, split
 from ferpipe.errors import FerPipeError
+from ferpipe.tools import synthetic
 
-TRAINING, PUBLIC, PRIVATE = (data.USAGES.index(u) for u in ("Training", "PublicTest", "PrivateTest"))
+TRAINING, PUBLIC, PRIVATE = (constants.USAGES.index(u) for u in ("Training", "PublicTest", "PrivateTest"))
 BASE = synthetic.make_faces(2, seed=0)[0]  # 14 distinct faces, pHashes at least 10 bits apart
 
 # (base face, usage, label) per row; letters name the groups the tests expect.
@@ -62,7 +64,7 @@ def test_exact_counts_on_crafted_data():
 
 
 def test_unlabelled_faces_do_not_conflict_and_listing_is_capped(monkeypatch):
-    arrays = crafted([(0, TRAINING, 3), (0, data.USAGES.index("Unlabelled"), -1)]
+    arrays = crafted([(0, TRAINING, 3), (0, constants.USAGES.index("Unlabelled"), -1)]
                      + [(k, TRAINING, 0) for k in range(1, 14)])
     group, _, _ = duplicates.find_groups(arrays["images"])
     d = duplicates.describe(group, arrays)
@@ -149,7 +151,7 @@ def test_split_marks_test_faces_seen_in_training():
     arrays = crafted(ROWS + [(14 + k, TRAINING, k % 7) for k in range(14)],
                      np.concatenate([BASE, more]))
     arrays["group"] = duplicates.find_groups(arrays["images"])[0]
-    s = data.split(arrays, 0.25, seed=0)
+    s = split.carve(arrays, 0.25, seed=0)
     # PublicTest rows in order: B, D, E, E, G; PrivateTest rows: C, D, G.
     assert s["test_seen"].tolist() == [True, True, False, False, False]
     assert s["private_seen"].tolist() == [True, True, False]
@@ -158,7 +160,7 @@ def test_split_marks_test_faces_seen_in_training():
     assert duplicates.unseen(s, "private").tolist() == [False, False, True]
     # Without groups (a library caller's arrays) every face is distinct: nothing is seen.
     del arrays["group"]
-    assert not data.split(arrays, 0.25, seed=0)["test_seen"].any()
+    assert not split.carve(arrays, 0.25, seed=0)["test_seen"].any()
 
 
 def test_unseen_refuses_splits_without_the_flags():
@@ -185,7 +187,7 @@ def with_copies(per_class=20, copied=30, seed=0):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_split_keeps_every_group_on_one_side_and_stays_stratified(seed):
     arrays = with_copies()
-    s = data.split(arrays, 0.2, seed=seed)
+    s = split.carve(arrays, 0.2, seed=seed)
     group_of = dict(zip(arrays["ids"], arrays["group"]))
     train = {group_of[i] for i in s["train_ids"]}
     val = {group_of[i] for i in s["val_ids"]}
@@ -203,7 +205,7 @@ def test_split_without_duplicates_is_the_split_of_before():
     n = len(labels)
     arrays = {"images": images, "labels": labels.astype(np.int8), "usage": np.zeros(n, np.uint8),
               "ids": np.arange(n).astype(str), "group": np.arange(n)}
-    s = data.split(arrays, 0.1, seed=42)
+    s = split.carve(arrays, 0.1, seed=42)
     tr, va = train_test_split(np.arange(n), test_size=0.1, random_state=42, shuffle=True,
                               stratify=labels)
     np.testing.assert_array_equal(s["val_ids"], np.sort(va).astype(str))
@@ -214,12 +216,12 @@ def test_load_prepared_asks_for_prepare_when_group_is_missing(tmp_path):
     arrays = crafted()
     files.save_npz(tmp_path / "faces.npz", **arrays)
     with pytest.raises(FerPipeError, match=r"faces.npz: has no 'group' array.*run prepare again"):
-        data.load_prepared(tmp_path / "faces.npz")
+        split.load_prepared(tmp_path / "faces.npz")
     files.save_npz(tmp_path / "faces.npz", **arrays, group=np.full(21, 99))
     with pytest.raises(FerPipeError, match=r"'group' is int64 of shape \(21,\), expected integers"):
-        data.load_prepared(tmp_path / "faces.npz")
+        split.load_prepared(tmp_path / "faces.npz")
     files.save_npz(tmp_path / "faces.npz", **arrays, group=np.arange(21))
-    assert data.load_prepared(tmp_path / "faces.npz")["group"].tolist() == list(range(21))
+    assert split.load_prepared(tmp_path / "faces.npz")["group"].tolist() == list(range(21))
 
 
 # ---------------------------------------------------------------- the stages
@@ -259,7 +261,7 @@ def test_prepare_and_split_stages_report_and_separate_duplicates(workspace):
         "Training", "PublicTest"}
     with Image.open(workspace.path / "plots/duplicates.png") as im:
         assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 300
-    prepared = data.load_prepared(workspace.path / "data/prepared/faces.npz")
+    prepared = split.load_prepared(workspace.path / "data/prepared/faces.npz")
     assert len(np.unique(prepared["group"])) == n_train + n_test
 
     out = workspace.run("split").stdout
@@ -296,14 +298,14 @@ def test_prepare_stage_without_duplicates_says_so_in_the_figure(workspace):
 
 
 def test_evaluate_scores_the_faces_training_never_saw_apart():
-    from ferpipe import evaluation
+    from ferpipe.evaluation import scores
 
     y = np.array([0, 1, 2, 3, 4, 5])
     probs = np.eye(7)[[0, 1, 2, 0, 0, 0]]          # right on the first three only
     single = np.eye(7)[[0, 0, 2, 3, 0, 0]]
     unseen = np.array([False, False, True, True, True, True])
-    out = evaluation.leak_free(y, probs, single, unseen)
+    out = scores.leak_free(y, probs, single, unseen)
     assert out == {"unseen_faces": 4, "seen_faces": 2, "unseen_accuracy": 0.25,
                    "unseen_single_crop_accuracy": 0.5, "seen_accuracy": 1.0}
-    none_seen = evaluation.leak_free(y, probs, single, np.ones(6, bool))
+    none_seen = scores.leak_free(y, probs, single, np.ones(6, bool))
     assert none_seen["seen_faces"] == 0 and "seen_accuracy" not in none_seen

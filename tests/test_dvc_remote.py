@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from ferpipe import demo
+from ferpipe.tools import demo
 
 from conftest import TINY_CNN, TINY_RUNTIME, TINY_TRAIN
 

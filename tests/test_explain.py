@@ -9,9 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ferpipe import EMOTIONS, explain_figures, filters, models, probe, saliency, synthetic
+from ferpipe.constants import EMOTIONS
 from ferpipe.errors import FerPipeError
+from ferpipe.explanations import figures, filters, probe, saliency
 from ferpipe.files import save_npz, save_torch
+from ferpipe.model import networks
+from ferpipe.tools import synthetic
 
 from conftest import TINY_CNN
 
@@ -70,8 +73,8 @@ def faces():
 @pytest.fixture(scope="module")
 def nets():
     torch.manual_seed(0)
-    cnn = models.FerCNN(ARCH, CROP).eval()
-    dnn = models.build("dnn", DNN, CROP).eval()
+    cnn = networks.FerCNN(ARCH, CROP).eval()
+    dnn = networks.build("dnn", DNN, CROP).eval()
     return cnn, dnn
 
 
@@ -189,12 +192,12 @@ def test_figures_have_their_panels(nets, faces):
     res = saliency.saliency_study(cnn, CROP, dnn, CROP, *faces, SALIENCY)
     n = len(res["picks"])
     assert n == 14 and res["gradcam_layer"] == "features.block2.act1"
-    fig = explain_figures.saliency_faces_figure(res)
+    fig = figures.saliency_faces_figure(res)
     assert len(_image_axes(fig)) == n * 5
-    tile = explain_figures.TILE
+    tile = figures.TILE
     np.testing.assert_allclose(fig.get_size_inches(), (5 * tile, n * tile * 1.08))
-    assert len(_image_axes(explain_figures.model_comparison_figure(res))) == n * 5
-    assert len(_image_axes(explain_figures.class_average_figure(res))) == 3 * 7
+    assert len(_image_axes(figures.model_comparison_figure(res))) == n * 5
+    assert len(_image_axes(figures.class_average_figure(res))) == 3 * 7
     metrics = saliency.saliency_metrics(res)
     assert set(metrics["centre_share_cnn"]) == set(EMOTIONS) and metrics["faces_shown"] == n
     # The masked regions hold at least the share of the smoothed mass they were cut at
@@ -203,11 +206,11 @@ def test_figures_have_their_panels(nets, faces):
 
     fres = filters.filters_study(cnn, CROP, dnn, *faces, FILTERS)
     # Two objectives for each of 4 filters in 2 layers; 3 filters x 3 steps from the face.
-    assert len(_image_axes(explain_figures.filters_figure(fres))) == 2 * 2 * 4
-    assert len(_image_axes(explain_figures.face_trajectory_figure(fres))) == 2 * 3 * 3
-    assert len(_image_axes(explain_figures.feature_maps_figure(fres))) == 2 * (1 + 5)
-    assert len(_image_axes(explain_figures.kernels_figure(fres))) == TINY_CNN["widths"][0]
-    fig = explain_figures.dnn_weights_figure(fres)
+    assert len(_image_axes(figures.filters_figure(fres))) == 2 * 2 * 4
+    assert len(_image_axes(figures.face_trajectory_figure(fres))) == 2 * 3 * 3
+    assert len(_image_axes(figures.feature_maps_figure(fres))) == 2 * (1 + 5)
+    assert len(_image_axes(figures.kernels_figure(fres))) == TINY_CNN["widths"][0]
+    fig = figures.dnn_weights_figure(fres)
     assert len(_image_axes(fig)) == 6 and fig.axes[0].images[0].get_array().shape == (CROP, CROP)
     m = filters.filters_metrics(fres)["layers"]
     assert list(m) == FILTERS["layers"]
@@ -224,8 +227,8 @@ def test_stages_run_end_to_end(workspace, nets, faces):
     cnn, dnn = nets
     x, y = faces
     save_npz(ws.path / "data/splits.npz", val_x=x, val_y=y)
-    save_torch(ws.path / "models/cnn.pt", models.checkpoint(cnn, "cnn", ARCH, CROP, {}))
-    save_torch(ws.path / "models/dnn.pt", models.checkpoint(dnn, "dnn", DNN, CROP, {}))
+    save_torch(ws.path / "models/cnn.pt", networks.checkpoint(cnn, "cnn", ARCH, CROP, {}))
+    save_torch(ws.path / "models/dnn.pt", networks.checkpoint(dnn, "dnn", DNN, CROP, {}))
     ws.set_params(saliency=SALIENCY, filters=FILTERS)
     out = ws.run("saliency").stdout
     assert "saliency: 14 faces explained" in out

@@ -8,8 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from ferpipe import EMOTIONS, classify, export, faces, files, infer, release, synthetic
+from ferpipe import files
+from ferpipe.constants import EMOTIONS
 from ferpipe.errors import FerPipeError
+from ferpipe.model import infer
+from ferpipe.tools import synthetic
+from ferpipe.use import classify, export, faces, release
 
 from conftest import save_tiny_cnn
 
@@ -187,7 +191,7 @@ def test_the_export_stage(workspace):
 
 
 def test_the_throughput_table(tmp_path, val_faces):
-    from ferpipe import throughput
+    from ferpipe.tools import throughput
 
     model, ckpt = save_tiny_cnn(tmp_path / "models" / "cnn.pt")
     graph_path, _ = release_files(tmp_path / "release", model, ckpt, tmp_path / "models" / "cnn.pt")

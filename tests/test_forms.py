@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ferpipe import EMOTIONS, data, synthetic
+from ferpipe import constants
+from ferpipe.constants import EMOTIONS
+from ferpipe.data import forms
 from ferpipe.errors import FerPipeError
+from ferpipe.tools import synthetic
 
 TRAIN = synthetic.make_faces(1, seed=0)  # 7 faces, one per class
 TEST = synthetic.make_faces(1, seed=1)
@@ -95,7 +98,7 @@ def assert_labelled_faces(arrays, report, test_usage="PublicTest"):
     np.testing.assert_array_equal(arrays["labels"][:7], TRAIN[1])
     if test_usage == "Unlabelled":
         assert report["counts"]["Unlabelled"] == {"total": 7}
-        assert (arrays["labels"][7:] == data.UNLABELLED).all()
+        assert (arrays["labels"][7:] == constants.UNLABELLED).all()
     else:
         assert report["counts"][test_usage]["total"] == 7
         np.testing.assert_array_equal(arrays["labels"][7:], TEST[1])
@@ -112,7 +115,7 @@ def test_kaggle_fer2013_tar_gz(tmp_path, how):
         write_tree(raw, kaggle_tar_gz_files())  # tar xzf fer2013.tar.gz: the csv one level down
     else:
         write_tar(archive, kaggle_tar_gz_files())
-    arrays, report = data.read_raw(archive if how == "the-archive" else raw)
+    arrays, report = forms.read_raw(archive if how == "the-archive" else raw)
     assert report["form"] == "fer2013_csv"
     assert report["files"] == ([str(raw / "fer2013/fer2013.csv")] if how == "extracted-folder"
                                else [f"{archive}: entry 'fer2013/fer2013.csv'"])
@@ -125,7 +128,7 @@ def test_kaggle_fer2013_tar_gz(tmp_path, how):
 def test_competition_train_and_test_csv(tmp_path):
     write_tree(tmp_path, FORMS["kaggle_csv"]())
     for raw in (tmp_path, tmp_path / "train.csv"):
-        arrays, report = data.read_raw(raw)
+        arrays, report = forms.read_raw(raw)
         assert report["form"] == "kaggle_csv"
         assert report["files"] == [str(tmp_path / "train.csv"), str(tmp_path / "test.csv")]
         assert_labelled_faces(arrays, report, test_usage="Unlabelled")
@@ -135,28 +138,28 @@ def test_competition_train_and_test_csv(tmp_path):
 def test_competition_files_are_told_apart_by_header_not_name(tmp_path):
     files = FORMS["kaggle_csv"]()
     write_tree(tmp_path, {"fer-train.csv": files["train.csv"], "fer-public.csv": files["test.csv"]})
-    arrays, report = data.read_raw(tmp_path)
+    arrays, report = forms.read_raw(tmp_path)
     assert report["form"] == "kaggle_csv"
     assert report["files"] == [str(tmp_path / "fer-train.csv"), str(tmp_path / "fer-public.csv")]
     assert_labelled_faces(arrays, report, test_usage="Unlabelled")
     # The same name, the course's header: the course's form, as before.
     course = tmp_path / "course"
     write_tree(course, FORMS["course_csv"]())
-    assert data.read_raw(course)[1]["form"] == "course_csv"
+    assert forms.read_raw(course)[1]["form"] == "course_csv"
 
 
 def test_naming_an_unlabelled_test_file_alone_says_so(tmp_path):
     write_tree(tmp_path, FORMS["kaggle_csv"]())
     with pytest.raises(FerPipeError, match=r"test.csv: holds only unlabelled faces \(header "
                                            r"'pixels'\); set prepare.raw to the folder"):
-        data.read_raw(tmp_path / "test.csv")
+        forms.read_raw(tmp_path / "test.csv")
 
 
 @pytest.mark.parametrize("name", ["icml_face_data.csv", "faces.csv"])
 def test_icml_face_data_csv_in_its_column_order_with_spaces(tmp_path, name):
     (tmp_path / name).write_bytes(FORMS["icml_csv"]()["icml_face_data.csv"])
     assert (tmp_path / name).read_bytes().startswith(b"emotion, Usage, pixels\r\n")
-    arrays, report = data.read_raw(tmp_path)
+    arrays, report = forms.read_raw(tmp_path)
     assert report["form"] == "fer2013_csv"
     assert_labelled_faces(arrays, report)
     assert report["whitespace_stripped"] == 2  # " Usage" and " pixels" in the header
@@ -172,7 +175,7 @@ def test_competition_download_zip(tmp_path):
              "icml_face_data.csv": FORMS["icml_csv"]()["icml_face_data.csv"],
              "train.csv": kaggle["train.csv"], "test.csv": kaggle["test.csv"]}
     write_zip(tmp_path / "raw/challenges-in-representation-learning.zip", files)
-    arrays, report = data.read_raw(tmp_path / "raw")
+    arrays, report = forms.read_raw(tmp_path / "raw")
     assert report["form"] == "fer2013_csv"
     assert report["files"] == [
         f"{tmp_path}/raw/challenges-in-representation-learning.zip: entry 'icml_face_data.csv'"]
@@ -189,9 +192,9 @@ def test_csv_forms_inside_archives_read_as_the_plain_files(tmp_path, suffix, for
     files = {folder + name: blob for name, blob in FORMS[form]().items()}
     write_tree(tmp_path / "plain", files)
     write_archive(tmp_path / "raw" / f"data{suffix}", files)
-    expected, expected_report = data.read_raw(tmp_path / "plain")
+    expected, expected_report = forms.read_raw(tmp_path / "plain")
     for raw in (tmp_path / "raw", tmp_path / "raw" / f"data{suffix}"):
-        arrays, report = data.read_raw(raw)
+        arrays, report = forms.read_raw(raw)
         for key in ("images", "labels", "usage", "ids"):
             np.testing.assert_array_equal(arrays[key], expected[key])
         assert report["form"] == expected_report["form"]
@@ -204,8 +207,8 @@ def test_csv_forms_inside_archives_read_as_the_plain_files(tmp_path, suffix, for
 def test_image_layout_in_a_tar_reads_as_the_zip(tmp_path, suffix):
     write_zip(tmp_path / "zip/faces.zip", image_files())
     write_tar(tmp_path / f"tar/faces{suffix}", image_files(), "w" if suffix == ".tar" else "w:gz")
-    from_zip, _ = data.read_raw(tmp_path / "zip")
-    from_tar, report = data.read_raw(tmp_path / "tar")
+    from_zip, _ = forms.read_raw(tmp_path / "zip")
+    from_tar, report = forms.read_raw(tmp_path / "tar")
     assert report["form"] == "image_tar" and report["faces"] == 14
     for key in ("images", "labels", "usage", "ids"):
         np.testing.assert_array_equal(from_tar[key], from_zip[key])
@@ -233,7 +236,7 @@ def test_junk_from_other_systems_is_skipped_and_counted(tmp_path, container):
         write_tree(raw, files)
     else:
         write_archive(raw / f"faces.{container}", files)
-    arrays, report = data.read_raw(raw)
+    arrays, report = forms.read_raw(raw)
     assert report["faces"] == 14 and report["skipped"] == 0 and report["ignored_files"] == 0
     assert report["junk_skipped"] == len(JUNK)
 
@@ -242,7 +245,7 @@ def test_junk_beside_a_csv_is_not_taken_for_a_second_csv(tmp_path):
     write_zip(tmp_path / "raw/fer2013.zip", {**kaggle_tar_gz_files(),
                                              "__MACOSX/fer2013/._fer2013.csv": b"\x00\x05\x16\x07",
                                              "fer2013/._fer2013.csv": b"\x00\x05\x16\x07"})
-    arrays, report = data.read_raw(tmp_path / "raw")
+    arrays, report = forms.read_raw(tmp_path / "raw")
     assert report["form"] == "fer2013_csv" and report["junk_skipped"] == 2
     assert_labelled_faces(arrays, report)
 
@@ -264,8 +267,8 @@ def test_prepare_writes_the_new_counts_into_metrics(workspace):
 def test_png_and_bmp_image_folders(tmp_path, fmt):
     write_tree(tmp_path / "folder", image_files(fmt))
     write_zip(tmp_path / "zip/faces.zip", image_files(fmt))
-    arrays, report = data.read_raw(tmp_path / "folder")
-    from_zip, _ = data.read_raw(tmp_path / "zip")
+    arrays, report = forms.read_raw(tmp_path / "folder")
+    from_zip, _ = forms.read_raw(tmp_path / "zip")
     assert report["form"] == "image_folder" and report["faces"] == 14
     assert report["converted_rgb"] == 0 and report["skipped"] == 0
     for key in ("images", "labels", "usage", "ids"):
@@ -293,7 +296,7 @@ def test_csv_as_common_tools_write_it(tmp_path):
     lines += [f'{r[0]}, "{r[1]}", {r[2]}' for r in rows[7:8]]           # quoted after a space
     lines += [",".join(r) for r in rows[8:]]
     (tmp_path / "fer2013.csv").write_text("\n".join(lines) + "\n")
-    arrays, report = data.read_raw(tmp_path)
+    arrays, report = forms.read_raw(tmp_path)
     assert_labelled_faces(arrays, report)
     assert report["float_labels"] == 2
     assert report["whitespace_stripped"] == 2 + 2 * 3 + 2
@@ -307,7 +310,7 @@ def test_a_label_that_is_not_a_whole_number_0_to_6_stays_an_error(tmp_path, labe
     (tmp_path / "fer2013.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
     with pytest.raises(FerPipeError, match=rf"fer2013.csv: line 3: label '{label}' is not an "
                                            r"integer 0\.\.6"):
-        data.read_raw(tmp_path)
+        forms.read_raw(tmp_path)
 
 
 # ---------------------------------------------------------------- what still cannot be read
@@ -320,10 +323,10 @@ def test_a_bad_row_inside_an_archive_is_named_by_archive_entry_and_line(tmp_path
     archive = tmp_path / "fer2013.tar.gz"
     write_tar(archive, files)
     with pytest.raises(FerPipeError) as err:
-        data.read_raw(archive)
+        forms.read_raw(archive)
     assert (f"{archive}: entry 'fer2013/fer2013.csv': line 3: label '9' is not an integer 0..6"
             in str(err.value))
-    _, report = data.read_raw(archive, on_error="skip")
+    _, report = forms.read_raw(archive, on_error="skip")
     assert report["skipped_rows"] == [{"file": str(archive),
                                        "place": "entry 'fer2013/fer2013.csv': line 3",
                                        "problem": "label '9' is not an integer 0..6"}]
@@ -331,23 +334,23 @@ def test_a_bad_row_inside_an_archive_is_named_by_archive_entry_and_line(tmp_path
     write_tar(archive, files)
     with pytest.raises(FerPipeError, match=r"fer2013.tar.gz: entry 'fer2013/fer2013.csv': "
                                            r"line 1: missing column 'Usage'"):
-        data.read_raw(archive)
+        forms.read_raw(archive)
 
 
 def test_unrecognised_form_lists_what_was_found_and_the_accepted_forms(tmp_path):
     write_tree(tmp_path, {"fer2013/data.csv": b"a,b\n1,2\n", "fer2013/README": b"notes\n",
                           "notes.txt": b"hello\n", ".DS_Store": b"Bud1"})
     with pytest.raises(FerPipeError) as err:
-        data.read_raw(tmp_path)
+        forms.read_raw(tmp_path)
     msg = str(err.value)
     assert msg.startswith(f"{tmp_path}: found no data in a form I know. It holds:\n")
     assert "  - a folder 'fer2013/' holding 'README', 'data.csv' (a CSV with header 'a,b')\n" in msg
     assert "  - a file 'notes.txt'\n" in msg
     assert "1 junk file(s)" in msg
-    assert msg.endswith(data.ACCEPTED_FORMS) and "Accepted forms:" in msg
+    assert msg.endswith(forms.ACCEPTED_FORMS) and "Accepted forms:" in msg
     for form in ("fer2013.csv", "icml_face_data.csv", "emotion,pixels", "label,feature",
                  "train/<emotion>/", ".png", ".tar.gz", ".tgz", ".zip"):
-        assert form in data.ACCEPTED_FORMS
+        assert form in forms.ACCEPTED_FORMS
 
 
 def test_an_archive_inside_an_archive_is_named_not_opened(tmp_path):
@@ -355,7 +358,7 @@ def test_an_archive_inside_an_archive_is_named_not_opened(tmp_path):
     write_zip(tmp_path / "raw/download.zip",
               {"fer2013.tar.gz": (tmp_path / "fer2013.tar.gz").read_bytes()})
     with pytest.raises(FerPipeError) as err:
-        data.read_raw(tmp_path / "raw")
+        forms.read_raw(tmp_path / "raw")
     msg = str(err.value)
     assert f"{tmp_path}/raw/download.zip: found no data in a form I know" in msg
     assert "a file 'fer2013.tar.gz' (an archive: archives inside archives are not opened" in msg
@@ -365,4 +368,4 @@ def test_two_csvs_of_the_same_form_are_refused(tmp_path):
     write_tree(tmp_path, {"fer2013.csv": fer2013_csv(), **FORMS["icml_csv"]()})
     with pytest.raises(FerPipeError, match="holds 2 CSVs with columns emotion,pixels,Usage "
                                            r"\(fer2013.csv, icml_face_data.csv\); keep exactly one"):
-        data.read_raw(tmp_path)
+        forms.read_raw(tmp_path)

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from ferpipe import live
+from ferpipe.training import live
 
 NAMES = live.epoch_metrics("cnn")
 

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from ferpipe import augment, infer, models, params
+from ferpipe import params
 from ferpipe.errors import FerPipeError
+from ferpipe.model import infer, networks
+from ferpipe.training import augment
 
 CNN = {"preset": "custom", "widths": [16, 32, 64], "convs": [1, 2, 2], "kernel": 3,
        "batch_norm": True, "residual": False, "activation": "relu", "pooling": "max",
@@ -19,32 +21,32 @@ DNN = {"hidden_layers": 3, "taper": 0.5, "batch_norm": True, "activation": "relu
     ([32, 64, 128], [2, 2, 2], [128], 48),
 ])
 def test_dnn_matches_cnn_parameters(widths, convs, head, crop):
-    cnn = models.FerCNN({**CNN, "widths": widths, "convs": convs, "head": head}, crop)
-    target = models.count_params(cnn)
+    cnn = networks.FerCNN({**CNN, "widths": widths, "convs": convs, "head": head}, crop)
+    target = networks.count_params(cnn)
     for layers, taper in ((1, 1.0), (3, 0.5), (4, 0.7)):
         cfg = {**DNN, "hidden_layers": layers, "taper": taper}
-        widths_dnn = models.dnn_widths(cfg, crop, target)
-        dnn = models.FerDNN(widths_dnn, cfg, crop)
+        widths_dnn = networks.dnn_widths(cfg, crop, target)
+        dnn = networks.FerDNN(widths_dnn, cfg, crop)
         assert len(widths_dnn) == layers
-        assert abs(models.count_params(dnn) - target) <= 0.05 * target
+        assert abs(networks.count_params(dnn) - target) <= 0.05 * target
 
 
 def test_dnn_match_impossible_is_a_clear_error():
     # A tiny CNN cannot be matched by a DNN whose first layer alone is larger.
-    cnn = models.FerCNN({**CNN, "widths": [2], "convs": [1], "head": []}, 40)
+    cnn = networks.FerCNN({**CNN, "widths": [2], "convs": [1], "head": []}, 40)
     with pytest.raises(FerPipeError, match="dnn"):
-        models.dnn_widths({**DNN, "tolerance": 0.001}, 40, models.count_params(cnn))
+        networks.dnn_widths({**DNN, "tolerance": 0.001}, 40, networks.count_params(cnn))
 
 
 def test_summary_rows_add_up_and_shapes_flow():
-    cnn = models.FerCNN(CNN, 40)
-    rows = models.summary(cnn, 40)
-    assert sum(r[3] for r in rows) == models.count_params(cnn)
+    cnn = networks.FerCNN(CNN, 40)
+    rows = networks.summary(cnn, 40)
+    assert sum(r[3] for r in rows) == networks.count_params(cnn)
     shapes = {name: shape for name, _, shape, _ in rows}
     assert shapes["features.block1.conv1"] == (16, 40, 40)
     assert shapes["features.block3.pool"] == (64, 5, 5)
     assert shapes["head.out"] == (7,)
-    assert "total parameters" in models.format_summary(rows, "CNN")
+    assert "total parameters" in networks.format_summary(rows, "CNN")
 
 
 @pytest.mark.parametrize("pool_last_block", [True, False])
@@ -52,8 +54,8 @@ def test_last_block_pooling_and_the_edge_it_drops(pool_last_block):
     # A 40px crop reaches the fourth block at 5x5; 2x2 pooling keeps its top-left 4x4.
     cfg = {**CNN, "widths": [4, 8, 8, 8], "convs": [1, 1, 1, 1], "head": [8],
            "pool_last_block": pool_last_block}
-    cnn = models.FerCNN(cfg, 40).eval()
-    shapes = {name: shape for name, _, shape, _ in models.summary(cnn, 40)}
+    cnn = networks.FerCNN(cfg, 40).eval()
+    shapes = {name: shape for name, _, shape, _ in networks.summary(cnn, 40)}
     assert shapes["features.block4.pool"] == ((8, 2, 2) if pool_last_block else (8, 5, 5))
     maps = {}
     cnn.features.block4.act1.register_forward_hook(lambda m, i, o: maps.update(out=o))
@@ -66,15 +68,15 @@ def test_last_block_pooling_and_the_edge_it_drops(pool_last_block):
 
 def test_models_saved_before_pool_last_block_still_load(tmp_path):
     from ferpipe.files import save_torch
-    cnn = models.build("cnn", CNN, 40)
+    cnn = networks.build("cnn", CNN, 40)
     assert "pool_last_block" not in CNN
-    save_torch(tmp_path / "cnn.pt", models.checkpoint(cnn, "cnn", CNN, 40, {}))
-    back, _ = models.load(tmp_path / "cnn.pt")
+    save_torch(tmp_path / "cnn.pt", networks.checkpoint(cnn, "cnn", CNN, 40, {}))
+    back, _ = networks.load(tmp_path / "cnn.pt")
     assert isinstance(back.features.block3.pool, torch.nn.MaxPool2d)
 
 
 def test_course_keras_preset_builds_the_report_architecture():
-    cnn = models.FerCNN({**CNN, "preset": "course_keras"}, 48)
+    cnn = networks.FerCNN({**CNN, "preset": "course_keras"}, 48)
     convs = [m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
     dense = [m.out_features for m in cnn.head if isinstance(m, torch.nn.Linear)]
@@ -82,7 +84,7 @@ def test_course_keras_preset_builds_the_report_architecture():
 
 
 def test_vgg_preset_builds_the_long_configuration_network():
-    cnn = models.FerCNN({**CNN, "preset": "vgg"}, 40)
+    cnn = networks.FerCNN({**CNN, "preset": "vgg"}, 40)
     convs = [m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 512, 512]
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in cnn.modules()) == 8
@@ -93,34 +95,34 @@ def test_ensemble_checkpoint_round_trip_keeps_every_member(tmp_path):
     from ferpipe.files import save_torch
 
     torch.manual_seed(0)
-    ens = models.build("cnn", CNN, 40, members=3).eval()
-    save_torch(tmp_path / "cnn.pt", models.checkpoint(ens, "cnn", CNN, 40, {}))
-    back, ckpt = models.load(tmp_path / "cnn.pt")
-    assert ckpt["members"] == 3 and isinstance(back, models.Ensemble) and len(back.members) == 3
+    ens = networks.build("cnn", CNN, 40, members=3).eval()
+    save_torch(tmp_path / "cnn.pt", networks.checkpoint(ens, "cnn", CNN, 40, {}))
+    back, ckpt = networks.load(tmp_path / "cnn.pt")
+    assert ckpt["members"] == 3 and isinstance(back, networks.Ensemble) and len(back.members) == 3
     x = torch.rand(5, 1, 40, 40)
     with torch.no_grad():
         assert torch.equal(back(x), ens(x))
         mean = torch.stack([torch.softmax(m(x), 1) for m in ens.members]).mean(0)
         assert torch.allclose(torch.softmax(ens(x), 1), mean, atol=1e-6)
-    single = models.build("cnn", CNN, 40)
-    assert "members" not in models.checkpoint(single, "cnn", CNN, 40, {})
-    assert models.single(single) is single and models.single(back) is back.members[0]
+    single = networks.build("cnn", CNN, 40)
+    assert "members" not in networks.checkpoint(single, "cnn", CNN, 40, {})
+    assert networks.single(single) is single and networks.single(back) is back.members[0]
 
 
 @pytest.mark.parametrize("members", [0, "2", 2])
 def test_ensemble_checkpoint_with_a_wrong_member_count_is_a_clean_error(tmp_path, members):
     from ferpipe.files import save_torch
 
-    one = models.build("cnn", CNN, 40)  # one network's weights: only members=1 fits them
-    ckpt = {**models.checkpoint(one, "cnn", CNN, 40, {}), "members": members}
+    one = networks.build("cnn", CNN, 40)  # one network's weights: only members=1 fits them
+    ckpt = {**networks.checkpoint(one, "cnn", CNN, 40, {}), "members": members}
     save_torch(tmp_path / "cnn.pt", ckpt)
     with pytest.raises(FerPipeError, match="cnn.pt: its weights do not fit"):
-        models.load(tmp_path / "cnn.pt")
+        networks.load(tmp_path / "cnn.pt")
 
 
 def test_mismatched_block_lists_are_rejected():
     with pytest.raises(FerPipeError, match="cnn.convs"):
-        models.resolve_cnn_config({**CNN, "convs": [1, 1]})
+        networks.resolve_cnn_config({**CNN, "convs": [1, 1]})
 
 
 AUG = {"rotation": 15.0, "shift": 0.1, "zoom": 0.15, "hflip": True, "erasing": 0.5,
@@ -189,8 +191,8 @@ def test_grid_zoom_adds_the_grid_of_the_shrunk_face():
 def test_bench_measures_each_preset_on_the_prepared_faces(workspace, monkeypatch, capsys):
     import numpy as np
 
-    from ferpipe import bench
     from ferpipe.files import save_npz
+    from ferpipe.tools import bench
 
     rng = np.random.default_rng(0)
     save_npz(workspace.path / "splits.npz", train_x=rng.integers(0, 256, (64, 48, 48), dtype=np.uint8),
@@ -224,7 +226,7 @@ def bench_workspace(workspace, monkeypatch):
 
 
 def test_bench_compares_precisions(bench_workspace, capsys):
-    from ferpipe import bench
+    from ferpipe.tools import bench
 
     bench.main(["custom", "--steps", "1", "--splits", "splits.npz", "--precision", "fp32", "bf16"])
     _, *lines = capsys.readouterr().out.splitlines()
@@ -233,7 +235,7 @@ def test_bench_compares_precisions(bench_workspace, capsys):
 
 
 def test_bench_compile_wraps_the_model_it_times(bench_workspace, monkeypatch, capsys):
-    from ferpipe import bench
+    from ferpipe.tools import bench
 
     calls = []
 
@@ -252,6 +254,6 @@ def test_bench_compile_wraps_the_model_it_times(bench_workspace, monkeypatch, ca
     bench.main(["custom", "--steps", "1", "--splits", "splits.npz", "--compile"])
     out = capsys.readouterr().out.splitlines()[1]
     assert calls == [8] * (bench.WARMUP + 1)
-    cnn = params.load({"cnn": models.CNN_SCHEMA})["cnn"]  # the workspace's, as bench reads it
-    plain = models.count_params(models.FerCNN(cnn, 40))
+    cnn = params.load({"cnn": networks.CNN_SCHEMA})["cnn"]  # the workspace's, as bench reads it
+    plain = networks.count_params(networks.FerCNN(cnn, 40))
     assert out.startswith(f"custom (compiled): {plain:,} parameters")

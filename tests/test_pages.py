@@ -1,5 +1,5 @@
 """The two pages a run is read in, offline: `dvc plots show` / `diff` with the vendored
-template (vendor/vega/), and `make report` (ferpipe.report). Both are opened in headless
+template (vendor/vega/), and `make report` (ferpipe.tools.report). Both are opened in headless
 Chromium (tests/browser.py): nothing may be fetched from outside the machine, and every
 chart and image must be drawn. One tiny pipeline serves every test here."""
 import base64
@@ -14,9 +14,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from ferpipe.tools import demo, report
+
 import browser
 from conftest import ROOT
-from ferpipe import demo, report
 
 VENDOR = ROOT / "vendor" / "vega"
 TEMPLATE = VENDOR / "offline.html"
@@ -158,7 +159,7 @@ def images(html):
 
 @pytest.mark.slow
 def test_report_is_one_self_contained_page(repo):
-    proc = subprocess.run([sys.executable, "-m", "ferpipe.report"], cwd=repo,
+    proc = subprocess.run([sys.executable, "-m", "ferpipe.tools.report"], cwd=repo,
                           env=demo.env_for(repo), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     html = (repo / "report.html").read_text()

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from ferpipe import demo, files, synthetic
+from ferpipe import files
+from ferpipe.tools import demo, synthetic
 
 from conftest import ROOT, copy_repo
 
@@ -135,7 +136,7 @@ def test_classify_uses_the_release_in_a_clone(repo, tmp_path):
     for name in ("fer_cnn.onnx", "model_card.json"):  # what a commit of release/ carries
         (clone / "release" / name).write_bytes((ws / "release" / name).read_bytes())
     assert not (clone / "models/cnn.pt").exists()
-    proc = subprocess.run([sys.executable, "-m", "ferpipe.classify", str(tmp_path), "--no-detect"],
+    proc = subprocess.run([sys.executable, "-m", "ferpipe.use.classify", str(tmp_path), "--no-detect"],
                           cwd=clone, env=demo.env_for(clone), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "release/fer_cnn.onnx (onnxruntime" in proc.stderr
@@ -201,7 +202,7 @@ def test_a_stage_imports_the_library_beside_it(repo):
     """dvc.yaml's cmd sets PYTHONPATH=src: the workspace's own ferpipe runs, even with the
     virtual environment's editable install of another checkout on the path."""
     ws, _ = repo
-    infer_py = ws / "src/ferpipe/infer.py"
+    infer_py = ws / "src/ferpipe/model/infer.py"
     original = infer_py.read_text()
     infer_py.write_text(original + "\nprint('the workspace copy of ferpipe', flush=True)\n")
     env = {k: v for k, v in demo.env_for(ws).items() if k != "PYTHONPATH"}

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from ferpipe import data
+from ferpipe.data import forms
 
 EXPECTED = {
     "Training": {"angry": 3995, "disgust": 436, "fear": 4097, "happy": 7215, "sad": 4830,
@@ -15,7 +15,7 @@ EXPECTED = {
 
 @pytest.mark.skipif(not os.environ.get("FER2013_ZIP"), reason="FER2013_ZIP not set")
 def test_fer2013_archive_parses_completely():
-    arrays, report = data.read_raw(os.environ["FER2013_ZIP"])
+    arrays, report = forms.read_raw(os.environ["FER2013_ZIP"])
     assert report["form"] == "image_zip"
     assert report["skipped"] == 0 and report["ignored_files"] == 0
     assert report["counts"] == EXPECTED

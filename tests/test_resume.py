@@ -198,7 +198,8 @@ def ensemble(template, tmp_path_factory):
 
 
 def test_ensemble_members_are_seeded_networks_whose_probabilities_average(reference, ensemble):
-    from ferpipe import files, infer, models
+    from ferpipe import files
+    from ferpipe.model import infer, networks
 
     ws, (metrics, history, ckpt, steps) = ensemble
     ref_metrics, ref_history, ref_ckpt, ref_steps = reference
@@ -214,8 +215,8 @@ def test_ensemble_members_are_seeded_networks_whose_probabilities_average(refere
     pd.testing.assert_frame_equal(history, ref_history, check_exact=True)  # the first member's curves
     assert steps == ref_steps  # DVCLive logs the first member, as the history
 
-    model, _ = models.load(ws.path / "models/cnn.pt")
-    assert isinstance(model, models.Ensemble) and models.single(model) is model.members[0]
+    model, _ = networks.load(ws.path / "models/cnn.pt")
+    assert isinstance(model, networks.Ensemble) and networks.single(model) is model.members[0]
     val_x = files.load_npz(ws.path / "data/splits.npz", "splits")["val_x"]
     probs = infer.predict_proba(model, val_x, 40, "flip")
     each = [infer.predict_proba(m, val_x, 40, "flip") for m in model.members]

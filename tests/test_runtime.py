@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ferpipe import infer, runtime
+from ferpipe import runtime
 
 CPU = torch.device("cpu")
 
@@ -23,42 +23,42 @@ def cpu(monkeypatch):
 
 def test_auto_is_fp32_on_a_cpu_without_native_bf16(cpu):
     cpu("AVX2")
-    assert infer.resolve_precision("auto", CPU) == "fp32"
+    assert runtime.resolve_precision("auto", CPU) == "fp32"
     cpu("DEFAULT")  # e.g. an ARM CPU
-    assert infer.resolve_precision("auto", CPU) == "fp32"
+    assert runtime.resolve_precision("auto", CPU) == "fp32"
     cpu("AVX512")   # AVX-512 without AVX512_BF16 or AMX: bf16 would be emulated
-    assert infer.resolve_precision("auto", CPU) == "fp32"
+    assert runtime.resolve_precision("auto", CPU) == "fp32"
 
 
 def test_auto_is_bf16_where_the_cpu_has_it(cpu):
     cpu("AVX512", avx512_bf16=True)
-    assert infer.resolve_precision("auto", CPU) == "bf16"
+    assert runtime.resolve_precision("auto", CPU) == "bf16"
     cpu("AVX512", amx=True)
-    assert infer.resolve_precision("auto", CPU) == "bf16"
+    assert runtime.resolve_precision("auto", CPU) == "bf16"
 
 
 def test_isa_limits_make_an_avx512_machine_an_avx2_one(cpu):
     cpu("AVX512", avx512_bf16=True, amx=True, onednn_isa="AVX2")
-    assert infer.resolve_precision("auto", CPU) == "fp32"
+    assert runtime.resolve_precision("auto", CPU) == "fp32"
     cpu("AVX2", avx512_bf16=True, amx=True)  # ATEN_CPU_CAPABILITY=avx2
-    assert infer.resolve_precision("auto", CPU) == "fp32"
+    assert runtime.resolve_precision("auto", CPU) == "fp32"
     cpu("AVX512", avx512_bf16=True, onednn_isa="avx512_core_bf16")
-    assert infer.resolve_precision("auto", CPU) == "bf16"
+    assert runtime.resolve_precision("auto", CPU) == "bf16"
 
 
 def test_forced_precisions_are_kept_whatever_the_machine(cpu):
     cpu("AVX2")
-    assert infer.resolve_precision("bf16", CPU) == "bf16"
+    assert runtime.resolve_precision("bf16", CPU) == "bf16"
     cpu("AVX512", amx=True)
-    assert infer.resolve_precision("fp32", CPU) == "fp32"
+    assert runtime.resolve_precision("fp32", CPU) == "fp32"
 
 
 def test_auto_on_a_gpu_follows_its_bf16_support(monkeypatch):
     gpu = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert infer.resolve_precision("auto", gpu) == "bf16"
+    assert runtime.resolve_precision("auto", gpu) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert infer.resolve_precision("auto", gpu) == "fp32"
+    assert runtime.resolve_precision("auto", gpu) == "fp32"
 
 
 def test_setup_records_what_it_chose_and_on_what(cpu):

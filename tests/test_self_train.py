@@ -6,10 +6,14 @@ import pandas as pd
 import pytest
 import torch
 
-import ferpipe.infer
-import ferpipe.train
-from ferpipe import NUM_CLASSES, models, params, selftrain, synthetic, train
+import ferpipe.model.infer
+import ferpipe.training.train
+from ferpipe import params
+from ferpipe.constants import NUM_CLASSES
 from ferpipe.errors import FerPipeError
+from ferpipe.model import networks
+from ferpipe.tools import synthetic
+from ferpipe.training import selftrain, train
 
 from conftest import ROOT, TINY_CNN, TINY_TRAIN, tiny_runtime
 
@@ -20,8 +24,8 @@ ST = {"unlabeled_fraction": 0.75, "seed": 0, "rounds": 3, "threshold": 0.8, "cla
 @pytest.fixture(scope="module")
 def tiny():
     """The project's train and cnn sections with the tiny test settings merged in."""
-    p = params.load({"train": train.SCHEMA, "cnn": models.CNN_SCHEMA}, ROOT / "params.yaml")
-    return {**p["train"], **TINY_TRAIN}, models.resolve_cnn_config({**p["cnn"], **TINY_CNN})
+    p = params.load({"train": train.SCHEMA, "cnn": networks.CNN_SCHEMA}, ROOT / "params.yaml")
+    return {**p["train"], **TINY_TRAIN}, networks.resolve_cnn_config({**p["cnn"], **TINY_CNN})
 
 
 def test_hide_labels_is_stratified_seeded_and_disjoint():
@@ -119,9 +123,9 @@ def test_hidden_labels_never_reach_the_trainer(monkeypatch, tiny):
             predicted_pools.append(set(_ids(images)))
         return probs
 
-    monkeypatch.setattr(ferpipe.train, "fit", fake_fit)
-    monkeypatch.setattr(ferpipe.infer, "predict_proba", fake_predict)
-    res = selftrain.self_train(lambda: models.FerCNN(arch, cfg["crop"]), (lab_x, lab_y),
+    monkeypatch.setattr(ferpipe.training.train, "fit", fake_fit)
+    monkeypatch.setattr(ferpipe.model.infer, "predict_proba", fake_predict)
+    res = selftrain.self_train(lambda: networks.FerCNN(arch, cfg["crop"]), (lab_x, lab_y),
                                (pool_x, hidden), (val_x, val_y), (val_x[:0], val_y[:0]), cfg, ST,
                                tiny_runtime())
 
@@ -163,10 +167,10 @@ def test_threshold_no_face_reaches_stops_with_the_baseline(monkeypatch, tiny):
         return model.state_dict(), [], {"best_epoch": 1, "best_val_accuracy": 0.3,
                                         "train_minutes": 0.0}
 
-    monkeypatch.setattr(ferpipe.train, "fit", fake_fit)
+    monkeypatch.setattr(ferpipe.training.train, "fit", fake_fit)
     x, y = synthetic.make_faces(4, seed=5)
     st = {**ST, "threshold": 1.0, "tta": "flip"}
-    res = selftrain.self_train(lambda: models.FerCNN(arch, cfg["crop"]), (x[:7], y[:7]),
+    res = selftrain.self_train(lambda: networks.FerCNN(arch, cfg["crop"]), (x[:7], y[:7]),
                                (x[7:], y[7:]), (x[:7], y[:7]), (x[:7], y[:7]), cfg, st,
                                tiny_runtime())
     assert calls == [7] and res["selected_round"] == 0
@@ -183,16 +187,16 @@ def test_real_rounds_score_what_the_trainer_was_given(monkeypatch, tiny):
     vx, vy = synthetic.make_faces(4, seed=12)
     splits = {"train_x": x, "train_y": y.astype(np.int8), "val_x": vx, "val_y": vy.astype(np.int8),
               "test_x": vx[:14], "test_y": vy[:14].astype(np.int8)}
-    real_fit, seen = ferpipe.train.fit, []
+    real_fit, seen = ferpipe.training.train.fit, []
 
     def spy(model, train, *args, **kwargs):
         seen.append((train[0].copy(), train[1].copy()))
         return real_fit(model, train, *args, **kwargs)
 
-    monkeypatch.setattr(ferpipe.train, "fit", spy)
+    monkeypatch.setattr(ferpipe.training.train, "fit", spy)
     st = {**ST, "threshold": 0.0, "class_cap": 0.5, "rounds": 2, "tta": "flip"}
     cfg = {**cfg, "batch_size": 16}  # two steps an epoch: onecycle needs more than two steps
-    res = selftrain.run(lambda: models.FerCNN(arch, cfg["crop"]), splits, cfg, st,
+    res = selftrain.run(lambda: networks.FerCNN(arch, cfg["crop"]), splits, cfg, st,
                         tiny_runtime())
     lab, hid = selftrain.hide_labels(y, 0.75, 0)
     row = {img.tobytes(): i for i, img in enumerate(x)}
@@ -219,7 +223,7 @@ def test_a_rerun_resumes_every_round_from_its_checkpoint(tmp_path, capsys, tiny)
     args = ((x[:21], y[:21]), (x[21:], y[21:]), (x[:14], y[:14]), (x[:0], y[:0]), cfg, st)
 
     def go():
-        return selftrain.self_train(lambda: models.FerCNN(arch, cfg["crop"]), *args,
+        return selftrain.self_train(lambda: networks.FerCNN(arch, cfg["crop"]), *args,
                                     tiny_runtime(), resume_prefix=str(tmp_path / "st"))
 
     first = go()
@@ -262,7 +266,7 @@ def test_stage_end_to_end(workspace):
     assert list(table.columns) == list(selftrain.ROUND_COLUMNS)
     assert list(table["round"]) == list(range(len(m["rounds"])))
     assert table["pool_size"].iloc[0] == 98 and table["pseudo_label_accuracy"].isna().iloc[0]
-    model, ckpt = models.load(ws.path / "models/self_train.pt")
+    model, ckpt = networks.load(ws.path / "models/self_train.pt")
     assert ckpt["meta"]["self_train_round"] == m["self_trained"]["round"]
     assert not list((ws.path / "checkpoints").glob("self_train*"))
 

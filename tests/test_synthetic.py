@@ -2,7 +2,9 @@
 import numpy as np
 import torch
 
-from ferpipe import models, synthetic, train
+from ferpipe.model import networks
+from ferpipe.tools import synthetic
+from ferpipe.training import train
 
 from conftest import TINY_TRAIN, tiny_runtime
 
@@ -25,7 +27,7 @@ def test_small_cnn_separates_the_classes_well_above_chance():
     arch = {"preset": "custom", "widths": [16, 32, 64], "convs": [1, 1, 1], "kernel": 3,
             "batch_norm": True, "residual": False, "activation": "relu", "pooling": "max",
             "block_dropout": 0.0, "global_pool": "avg", "head": [32], "head_dropout": 0.0}
-    model = models.FerCNN(arch, cfg["crop"])
+    model = networks.FerCNN(arch, cfg["crop"])
     _, hist, record = train.fit(model, (x, y.astype(np.int8)), (vx, vy.astype(np.int8)), cfg,
                                 rt, "cnn")
     assert record["best_val_accuracy"] > 0.6  # chance is 1/7
@@ -34,6 +36,7 @@ def test_small_cnn_separates_the_classes_well_above_chance():
 
 def yaml_train():
     import yaml
+
     from conftest import ROOT
 
     return yaml.safe_load((ROOT / "params.yaml").read_text())["train"]

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ferpipe import models, params, synthetic, train
+from ferpipe import params
+from ferpipe.model import networks
+from ferpipe.tools import synthetic
+from ferpipe.training import train
 
 from conftest import TINY_CNN, TINY_TRAIN, tiny_runtime
 
@@ -15,8 +18,8 @@ PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 @pytest.fixture(scope="module")
 def setting():
-    p = params.load({"cnn": models.CNN_SCHEMA, "train": train.SCHEMA}, PARAMS)
-    arch = models.resolve_cnn_config({**p["cnn"], **TINY_CNN})
+    p = params.load({"cnn": networks.CNN_SCHEMA, "train": train.SCHEMA}, PARAMS)
+    arch = networks.resolve_cnn_config({**p["cnn"], **TINY_CNN})
     cfg = {**p["train"], **TINY_TRAIN, "epochs": 5, "batch_size": 16}
     train_x, train_y = synthetic.make_faces(24, seed=0)
     val_x, val_y = synthetic.make_faces(6, seed=1)
@@ -28,7 +31,7 @@ def fit(setting, ema_decay):
     cfg = {**cfg, "ema_decay": ema_decay}
     rt = tiny_runtime()
     torch.manual_seed(cfg["seed"])
-    model = models.FerCNN(arch, cfg["crop"])
+    model = networks.FerCNN(arch, cfg["crop"])
     best, hist, record = train.fit(model, data[:2], data[2:], cfg, rt, "cnn")
     return model, best, hist, record, cfg, rt
 
@@ -98,7 +101,7 @@ def fake_gpu(monkeypatch):
 def test_a_gpu_run_saves_and_restores_the_cuda_generator_on_the_cpu(setting, fake_gpu, tmp_path):
     gpu, cuda_state, calls = fake_gpu
     arch, cfg, _ = setting
-    model = models.FerCNN(arch, cfg["crop"])
+    model = networks.FerCNN(arch, cfg["crop"])
     opt = train.make_optimizer(model, cfg)
     sched = train.make_schedule(opt, cfg, 4)
     gen = torch.Generator().manual_seed(3)
@@ -117,7 +120,7 @@ def test_a_gpu_run_saves_and_restores_the_cuda_generator_on_the_cpu(setting, fak
 
 
 def test_self_training_resumes_through_the_same_checkpoint(monkeypatch, tmp_path):
-    from ferpipe import selftrain
+    from ferpipe.training import selftrain
 
     seen = []
 

@@ -12,8 +12,11 @@ import zipfile
 import pytest
 import torch
 
-from ferpipe import data, files, models, sources, synthetic
+from ferpipe import files
+from ferpipe.data import forms, sources, split
 from ferpipe.errors import FerPipeError
+from ferpipe.model import networks
+from ferpipe.tools import synthetic
 
 from conftest import TINY_CNN, TINY_RUNTIME, TINY_TRAIN
 
@@ -45,7 +48,7 @@ def test_load_refuses_a_pickle_that_runs_code(tmp_path, make):
     model_file = tmp_path / "cnn.pt"
     make(model_file, marker)
     with pytest.raises(FerPipeError, match="refused to load: not a plain weights file"):
-        models.load(model_file)
+        networks.load(model_file)
     assert not marker.exists(), "unpickling the model file ran its code"
 
 
@@ -59,14 +62,14 @@ def test_the_payload_really_runs_when_unpickled_unsafely(tmp_path):
 def test_load_refuses_a_plain_file_that_is_not_our_model(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(FerPipeError, match="not a model saved by this pipeline"):
-        models.load(tmp_path / "other.pt")
+        networks.load(tmp_path / "other.pt")
 
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x02}q\x00."[:3]], ids=["empty", "cut-short"])
 def test_load_refuses_empty_or_cut_short_files(tmp_path, content):
     (tmp_path / "cnn.pt").write_bytes(content)
     with pytest.raises(FerPipeError, match="refused to load"):
-        models.load(tmp_path / "cnn.pt")
+        networks.load(tmp_path / "cnn.pt")
 
 
 @pytest.mark.parametrize("case", ["garbage-bytes", "directory", "wrong-config"])
@@ -80,13 +83,13 @@ def test_load_turns_every_bad_file_into_a_clean_error(tmp_path, case):
         torch.save({"kind": "cnn", "config": {}, "input_size": 40, "meta": {},
                     "state_dict": {}}, path)
     with pytest.raises(FerPipeError):
-        models.load(path)
+        networks.load(path)
 
 
 def test_refusal_does_not_advise_the_unsafe_way(tmp_path):
     poisoned_torch(tmp_path / "cnn.pt", tmp_path / "pwned")
     with pytest.raises(FerPipeError) as err:
-        models.load(tmp_path / "cnn.pt")
+        networks.load(tmp_path / "cnn.pt")
     assert "weights_only" not in str(err.value)
 
 
@@ -96,7 +99,7 @@ def write_splits(ws):
     images, labels = synthetic.make_faces(2, seed=0)
     arrays = {"images": images, "labels": labels.astype("int8"),
               "usage": (labels * 0).astype("uint8"), "ids": labels.astype(str)}
-    files.save_npz(ws.path / "data/splits.npz", **data.split(arrays, 0.5, seed=0))
+    files.save_npz(ws.path / "data/splits.npz", **split.carve(arrays, 0.5, seed=0))
 
 
 def test_predict_stage_refuses_a_poisoned_model(workspace, tmp_path):
@@ -155,7 +158,7 @@ def test_reading_a_zip_writes_nothing_to_disk(tmp_path, monkeypatch):
     crafted_zip(raw / "faces.zip")
     monkeypatch.chdir(raw)
     before = tree(tmp_path)
-    arrays, report = data.read_raw(raw, on_error="skip")
+    arrays, report = forms.read_raw(raw, on_error="skip")
     assert tree(tmp_path) == before
     assert not os.path.exists("/tmp/ferpipe-absolute.jpg")
     assert report["faces"] == 14 and report["skipped"] == 3 and report["ignored_files"] == 1
@@ -209,12 +212,12 @@ def test_a_link_out_of_the_raw_folder_is_refused(tmp_path):
     raw.mkdir()
     (raw / "faces.zip").symlink_to(outside / "faces.zip")
     with pytest.raises(FerPipeError) as err:
-        data.read_raw(raw)
+        forms.read_raw(raw)
     msg = str(err.value)
     assert f"{raw}/faces.zip: symbolic link: points to {outside}/faces.zip, outside {raw}; refused" in msg
     assert "copy the file into" in msg
     # The path the user names in prepare.raw is theirs to choose, link or not.
-    assert data.read_raw(raw / "faces.zip")[1]["faces"] == 7
+    assert forms.read_raw(raw / "faces.zip")[1]["faces"] == 7
 
 
 def test_a_planted_link_is_never_read(tmp_path):
@@ -224,7 +227,7 @@ def test_a_planted_link_is_never_read(tmp_path):
     raw.mkdir()
     (raw / "fer2013.csv").symlink_to(secret)
     with pytest.raises(FerPipeError, match="symbolic link: points to .*secret.csv, outside"):
-        data.read_raw(raw, on_error="skip")
+        forms.read_raw(raw, on_error="skip")
 
 
 def test_links_inside_an_image_folder(tmp_path):
@@ -237,9 +240,9 @@ def test_links_inside_an_image_folder(tmp_path):
     (happy / "Training_in.jpg").symlink_to(next(raw.glob("test/*/*.jpg")))  # in: read
     (raw / "train/loop").symlink_to(raw / "train")                         # a folder: refused
     with pytest.raises(FerPipeError) as err:
-        data.read_raw(raw)
+        forms.read_raw(raw)
     assert "2 bad row(s) or image(s)" in str(err.value)
-    arrays, report = data.read_raw(raw, on_error="skip")
+    arrays, report = forms.read_raw(raw, on_error="skip")
     assert report["faces"] == 15 and report["skipped"] == 2
     problems = {r["file"]: r["problem"] for r in report["skipped_rows"]}
     assert problems[f"{happy}/Training_out.jpg"].startswith(
@@ -266,11 +269,11 @@ def crafted_tar(path):
 def test_tar_entries_that_escape_or_link_are_refused(tmp_path):
     crafted_tar(tmp_path / "faces.tar.gz")
     with pytest.raises(FerPipeError) as err:
-        data.read_raw(tmp_path / "faces.tar.gz")
+        forms.read_raw(tmp_path / "faces.tar.gz")
     assert "6 bad row(s) or image(s)" in str(err.value)
     assert (f"{tmp_path}/faces.tar.gz: entry '../escaped.jpg': the path escapes the archive's "
             "folder") in str(err.value)
-    arrays, report = data.read_raw(tmp_path / "faces.tar.gz", on_error="skip")
+    arrays, report = forms.read_raw(tmp_path / "faces.tar.gz", on_error="skip")
     assert report["faces"] == 14 and report["skipped"] == 6
     problems = {r["place"]: r["problem"] for r in report["skipped_rows"]}
     for name in ("../escaped.jpg", "train/../../escaped2.jpg", "/tmp/ferpipe-absolute.jpg"):
@@ -288,7 +291,7 @@ def test_a_link_inside_a_zip_is_refused(tmp_path):
         info = zipfile.ZipInfo("train/happy/Training_link.jpg")
         info.create_system, info.external_attr = 3, (0o120777 << 16)  # a unix symlink
         zf.writestr(info, "/etc/passwd")
-    _, report = data.read_raw(path, on_error="skip")
+    _, report = forms.read_raw(path, on_error="skip")
     assert report["faces"] == 7 and report["skipped_rows"] == [{
         "file": str(path), "place": "entry 'train/happy/Training_link.jpg'",
         "problem": "is a symbolic link; links in archives are not followed"}]
@@ -305,7 +308,7 @@ def test_reading_a_tar_writes_nothing_to_disk(tmp_path, monkeypatch):
     crafted_tar(raw / "faces.tar.gz")
     monkeypatch.chdir(raw)
     before = tree(tmp_path)
-    assert data.read_raw(raw, on_error="skip")[1]["faces"] == 14
+    assert forms.read_raw(raw, on_error="skip")[1]["faces"] == 14
     assert tree(tmp_path) == before
     assert not os.path.exists("/tmp/ferpipe-absolute.jpg")
 
@@ -328,7 +331,7 @@ def test_a_small_zip_that_claims_huge_sizes_is_refused_unread(tmp_path, monkeypa
     monkeypatch.setattr(zipfile.ZipFile, "open", lambda *a, **k: pytest.fail("read an entry"))
     with pytest.raises(FerPipeError, match=rf"{path}: its headers claim \d+ bytes or more "
                        r"uncompressed, over the limit of 2000000000 \(prepare.max_archive_bytes\)"):
-        data.read_raw(path)
+        forms.read_raw(path)
 
 
 def test_a_small_tar_that_claims_huge_sizes_is_refused_unread(tmp_path):
@@ -338,7 +341,7 @@ def test_a_small_tar_that_claims_huge_sizes_is_refused_unread(tmp_path):
     path.write_bytes(info.tobuf(format=tarfile.GNU_FORMAT) + bytes(1024))
     with pytest.raises(FerPipeError, match=rf"{path}: its headers claim 1000000000000 bytes or "
                        r"more uncompressed, over the limit of 2000000000"):
-        data.read_raw(path)
+        forms.read_raw(path)
 
 
 def test_a_zip_that_claims_too_many_entries_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
@@ -349,7 +352,7 @@ def test_a_zip_that_claims_too_many_entries_is_refused_before_it_is_parsed(tmp_p
     monkeypatch.setattr(zipfile, "ZipFile", lambda *a, **k: pytest.fail("parsed the directory"))
     with pytest.raises(FerPipeError, match=rf"{path}: holds 65534 entries or more, over the "
                        r"limit of 1000 \(prepare.max_archive_entries\)"):
-        data.read_raw(path, max_archive_entries=1000)
+        forms.read_raw(path, max_archive_entries=1000)
 
 
 @pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
@@ -367,8 +370,8 @@ def test_an_archive_with_too_many_entries_is_refused(tmp_path, suffix):
                 add_tar_member(tf, name, jpeg)
     with pytest.raises(FerPipeError, match=r"entries or more, over the limit of 20 "
                                            r"\(prepare.max_archive_entries\)"):
-        data.read_raw(path, max_archive_entries=20)
-    assert data.read_raw(path, max_archive_entries=30)[1]["faces"] == 30
+        forms.read_raw(path, max_archive_entries=20)
+    assert forms.read_raw(path, max_archive_entries=30)[1]["faces"] == 30
 
 
 def test_a_tar_is_bounded_as_it_decompresses(tmp_path):
@@ -382,7 +385,7 @@ def test_a_tar_is_bounded_as_it_decompresses(tmp_path):
     assert path.stat().st_size < 20_000
     with pytest.raises(FerPipeError, match=rf"{path}: it decompresses to \d+ bytes or more "
                        r"uncompressed, over the limit of 100000 \(prepare.max_archive_bytes\)"):
-        data.read_raw(path, max_archive_bytes=100_000)
+        forms.read_raw(path, max_archive_bytes=100_000)
 
 
 def test_default_limits_accept_fer2013_and_match_params():
@@ -413,4 +416,4 @@ def test_make_data_copies_the_shared_archive_rather_than_linking_it(tmp_path):
             copied.symlink_to("../../../shared/data/fer2013-train-publictest.zip")
         subprocess.run(["make", "-s", "data"], cwd=project, check=True, capture_output=True)
         assert copied.is_file() and not copied.is_symlink()
-        assert data.read_raw(project / "data/raw")[1]["faces"] == 7
+        assert forms.read_raw(project / "data/raw")[1]["faces"] == 7

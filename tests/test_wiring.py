@@ -6,6 +6,7 @@ import ast
 import importlib.util
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,33 +17,41 @@ PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 LIBRARY = ROOT / "src" / "ferpipe"
 
 
+def module_file(dotted):
+    """src/ferpipe/a/b.py for ferpipe.a.b (a package: its __init__.py), or None."""
+    rel = ROOT / "src" / Path(*dotted.split("."))
+    for path in (rel.with_suffix(".py"), rel / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
 def library_imports(path):
-    """The ferpipe modules a file imports, as paths relative to the project root."""
-    tree = ast.parse(path.read_text(), str(path))
-    in_library = path.parent == LIBRARY
+    """The ferpipe files a file imports, as paths: `from ferpipe.pkg import mod` gives the
+    module's file, `from ferpipe.pkg.mod import name` the module's, and every package on the
+    way its __init__.py (Python runs them all)."""
     found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and in_library:
-                base = node.module
-            elif node.level == 0 and node.module and node.module.split(".")[0] == "ferpipe":
-                base = node.module[len("ferpipe."):] if "." in node.module else None
-            else:
-                continue
-            if base:
-                found.add(base.split(".")[0])
-            else:  # `from . import a, b` / `from ferpipe import a, b`: modules or names
-                found |= {a.name for a in node.names if (LIBRARY / f"{a.name}.py").exists()}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] == "ferpipe":
+            targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
-            for a in node.names:
-                parts = a.name.split(".")
-                if parts[0] == "ferpipe" and len(parts) > 1:
-                    found.add(parts[1])
-    return {f"src/ferpipe/{m}.py" for m in found}
+            targets = [a.name for a in node.names if a.name.split(".")[0] == "ferpipe"]
+        else:
+            assert not (isinstance(node, ast.ImportFrom) and node.level), \
+                f"{path}: relative import: the library imports itself by absolute names"
+            continue
+        for dotted in targets:
+            parts = dotted.split(".")
+            for i in range(1, len(parts) + 1):
+                f = module_file(".".join(parts[:i]))
+                if f is not None:
+                    found.add(f)
+    return {str(f.relative_to(ROOT)) for f in found}
 
 
 def import_closure(script):
-    """The stage script and every library file it needs, with the package's __init__."""
+    """The stage script and every library file it needs, with the packages' __init__ files."""
     todo, seen = [ROOT / script], set()
     while todo:
         path = todo.pop()
@@ -51,7 +60,7 @@ def import_closure(script):
             continue
         seen.add(rel)
         todo += [ROOT / m for m in library_imports(path)]
-    return seen | {"src/ferpipe/__init__.py"}
+    return seen
 
 
 def declared(stage, key):
@@ -146,16 +155,27 @@ def test_every_stage_input_is_made_by_an_earlier_stage():
 def test_the_checker_sees_a_missing_import():
     """The closure follows relative, absolute and `from . import` forms."""
     closure = import_closure("stages/evaluate.py")
-    assert {"src/ferpipe/evaluation.py", "src/ferpipe/infer.py", "src/ferpipe/plots.py",
-            "src/ferpipe/runtime.py", "src/ferpipe/errors.py"} <= closure
-    assert "src/ferpipe/train.py" not in closure
+    assert {"src/ferpipe/evaluation/scores.py", "src/ferpipe/evaluation/__init__.py",
+            "src/ferpipe/model/infer.py", "src/ferpipe/plots.py", "src/ferpipe/runtime.py",
+            "src/ferpipe/errors.py", "src/ferpipe/__init__.py"} <= closure
+    assert "src/ferpipe/training/train.py" not in closure
 
 
-def test_readme_layout_names_every_library_module():
-    """README's "How the code is laid out" lists each module of src/ferpipe, and no other."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("## How the code is laid out", 1)[1].split("```")[1]
-    listed = set(re.findall(r"^  (\w+)\.py\b", block, re.M))
-    present = {p.stem for p in LIBRARY.glob("*.py")} - {"__init__"}
-    assert listed == present, describe("README layout", present - listed, listed - present,
-                                        "README.md")
+def test_architecture_layout_names_every_library_module():
+    """docs/architecture.md's layout lists each module of src/ferpipe under its package, and
+    no other."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    block = doc.split("```")[1]
+    listed, package = set(), ""
+    for line in block.split("src/ferpipe/", 1)[1].splitlines():
+        m = re.match(r"^  (  )?(\w+)(/|\.py)", line)
+        if not m:
+            continue
+        if m.group(3) == "/":
+            package = m.group(2) + "/"
+        else:
+            listed.add((package if m.group(1) else "") + m.group(2) + ".py")
+    present = {str(p.relative_to(LIBRARY)) for p in LIBRARY.rglob("*.py")
+               if p.name != "__init__.py"}
+    assert listed == present, describe("docs/architecture.md layout", present - listed,
+                                       listed - present, "docs/architecture.md")

@@ -1,5 +1,4 @@
-"""fer-pipeline: FER2013 facial-expression classification, driven by DVC."""
+"""fer-pipeline: FER2013 facial-expression classification, driven by DVC.
 
-EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-NUM_CLASSES = len(EMOTIONS)
-IMAGE_SIZE = 48
+The subpackages follow the pipeline: data, model, training, evaluation, explanations, use,
+tools (docs/architecture.md)."""

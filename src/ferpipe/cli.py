@@ -1,5 +1,5 @@
-"""The `ferpipe` console script: `ferpipe classify ...` runs ferpipe.classify (also
-`python -m ferpipe.classify ...`); `ferpipe compare [more dvc exp show options]` runs the
+"""The `ferpipe` console script: `ferpipe classify ...` runs ferpipe.use.classify (also
+`python -m ferpipe.use.classify ...`); `ferpipe compare [more dvc exp show options]` runs the
 experiment table that fits a terminal (live.COMPARE)."""
 import shlex
 import subprocess
@@ -12,11 +12,11 @@ USAGE = ("usage: ferpipe classify PATH... [options]   (ferpipe classify --help f
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "classify":
-        from . import classify
+        from ferpipe.use import classify
 
         return classify.main(argv[1:])
     if argv and argv[0] == "compare":
-        from . import live
+        from ferpipe.training import live
 
         cmd = [*live.COMPARE, *argv[1:]]
         print("$ " + shlex.join(cmd), flush=True)

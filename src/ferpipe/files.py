@@ -9,14 +9,12 @@ import json
 import os
 import re
 import tempfile
-from pathlib import Path
-
 import zipfile
+from pathlib import Path
 
 import numpy as np
 
-from .errors import FerPipeError
-
+from ferpipe.errors import FerPipeError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import FerPipeError
+from ferpipe.errors import FerPipeError
 
 PARAMS_FILE = "params.yaml"
 

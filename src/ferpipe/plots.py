@@ -5,7 +5,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import EMOTIONS  # noqa: E402
+from ferpipe.constants import EMOTIONS  # noqa: E402
 
 
 def class_distribution(counts):

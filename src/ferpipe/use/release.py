@@ -1,0 +1,152 @@
+"""The model a user's run loads: the pipeline's own models/cnn.pt with the temperature
+evaluate fitted on it, or the committed release (release/fer_cnn.onnx and its model card),
+whose sha256 is checked against the card before anything runs."""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ferpipe import paths, runtime
+from ferpipe.constants import EMOTIONS
+from ferpipe.errors import FerPipeError
+from ferpipe.files import sha256
+from ferpipe.model import infer, networks
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout an editable install points at
+
+
+def card_path(graph_path):
+    """The model card beside an exported graph (release/fer_cnn.onnx -> release/model_card.json)."""
+    return Path(graph_path).with_name("model_card.json")
+
+
+class OnnxModel:
+    """An ONNX graph on onnxruntime's CPU provider, with the one method infer.predict_proba
+    calls on a runner: probs(views) -> probabilities, so both backends share the views."""
+
+    def __init__(self, graph, threads=0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph),
+                                            options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def probs(self, views):
+        x = np.ascontiguousarray(views.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {self.input: x})[0])
+
+
+def _read_json(path, what):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FerPipeError(f"{path}: not found; {what}") from None
+    except (OSError, ValueError) as err:
+        raise FerPipeError(f"{path}: cannot be read as JSON ({type(err).__name__})") from None
+
+
+def load_onnx(path, threads=0):
+    """(OnnxModel, card) for an exported graph, after checking its sha256 against the one
+    its model card records: a damaged or swapped file is refused, not run."""
+    path = Path(path)
+    card_file = card_path(path)
+    if not path.is_file():
+        raise FerPipeError(f"{path}: not found; run `dvc repro export`, or restore the release "
+                           "(git checkout release/)")
+    card = _read_json(card_file, f"{path} is not loaded without the model card that records "
+                                 "its classes, crop and sha256")
+    graph = path.read_bytes()
+    got, want = hashlib.sha256(graph).hexdigest(), card.get("sha256")  # of the bytes run
+    if got != want:
+        raise FerPipeError(f"{path}: sha256 {got} does not match the {want} that {card_file} "
+                           "records: the file is damaged or is not the model the card describes; "
+                           "restore both (git checkout release/) or re-export them "
+                           "(dvc repro export)")
+    if card.get("classes") != list(EMOTIONS):
+        raise FerPipeError(f"{card_file}: classes {card.get('classes')} are not this "
+                           f"pipeline's {list(EMOTIONS)}")
+    return OnnxModel(graph, threads), card
+
+
+def read_calibration(path, model_path):
+    """models/calibration.json, refused unless it was fitted on the checkpoint at model_path
+    (same sha256): a temperature belongs to one set of weights."""
+    cal = _read_json(path, "run `dvc repro evaluate`, which fits the temperature")
+    if cal.get("model_sha256") != sha256(model_path):
+        raise FerPipeError(f"{path}: was fitted on another {model_path} (sha256 differs); run "
+                           "`dvc repro evaluate` to fit the temperature of this one")
+    return cal
+
+
+class Classifier:
+    """The model classify runs, whichever backend: probs(faces, tta) on uint8 48x48 faces
+    gives the calibrated probabilities; `tta` defaults to the views it was scored with."""
+
+    def __init__(self, model, crop, temperature, tta, description, rt):
+        self.model, self.crop, self.temperature = model, crop, temperature
+        self.tta, self.description, self.rt = tta, description, rt
+
+    def probs(self, images, tta=None):
+        return infer.predict_proba(self.model, images, self.crop, tta or self.tta,
+                                   self.rt["batch_size"], self.rt["precision"], self.rt["device"],
+                                   self.temperature)
+
+
+def _first_existing(relative):
+    """A path relative to the working folder (a pipeline workspace), else to the checkout."""
+    for base in (Path.cwd(), ROOT):
+        if (base / relative).is_file():
+            return base / relative
+    return None
+
+
+def locate(model=None, backend=None):
+    """(path, backend) classify uses: --model if given (backend from its suffix unless
+    named), else models/cnn.pt when the pipeline has built it (torch), else the release
+    graph (onnx); --backend alone picks that backend's default file."""
+    if model:
+        return Path(model), backend or ("onnx" if Path(model).suffix == ".onnx" else "torch")
+    built, released = _first_existing(paths.MODEL["cnn"]), _first_existing(paths.RELEASE_ONNX)
+    if backend == "torch" or (backend is None and built):
+        if not built:
+            raise FerPipeError(f"{paths.MODEL['cnn']}: not found; train it (dvc repro train_cnn), "
+                               "or use the release model (--backend onnx)")
+        return built, "torch"
+    if not released:
+        raise FerPipeError(f"no model: neither {paths.MODEL['cnn']} nor {paths.RELEASE_ONNX} is "
+                           "here; run dvc repro, or restore release/ (git checkout release/)")
+    return released, "onnx"
+
+
+def load_classifier(model=None, backend=None, threads=0, precision="auto", batch_size=256):
+    """The Classifier for classify's --model/--backend, and a line saying what it is."""
+    path, backend = locate(model, backend)
+    rt = {"batch_size": batch_size}
+    runtime.set_threads(threads)
+    if backend == "onnx":
+        net, card = load_onnx(path, threads)
+        rt.update(device=torch.device("cpu"), precision="fp32")
+        acc = card.get("accuracy", {}).get("test", {}).get("accuracy")
+        scored = f", PublicTest accuracy {acc:.4f}" if acc is not None else ""
+        return Classifier(net, card["input"]["shape"][-1], 1.0, card.get("tta", "none"),
+                          f"{path} (onnxruntime, {card['precision']} weights, sha256 checked, "
+                          f"temperature {card['temperature']:.3f} in the graph{scored})", rt)
+    device = runtime.pick_device("auto")
+    rt.update(device=device, precision=runtime.resolve_precision(precision, device))
+    net, ckpt = networks.load(path, device)
+    cal_path = Path(path).with_name(Path(paths.CALIBRATION).name)
+    try:
+        cal = read_calibration(cal_path, path)
+        temperature, tta = cal["temperature"], cal["tta"]
+        note = f"temperature {temperature:.3f} from {cal_path}"
+    except FerPipeError as err:
+        temperature, tta, note = 1.0, "none", f"uncalibrated: {err}"
+    return Classifier(net, ckpt["input_size"], temperature, tta,
+                      f"{path} (torch {rt['precision']}, {note})", rt)
