@@ -194,3 +194,65 @@ def describe(page):
               for e in page.blank()]
     lines += [f"  error: {m}" for m in page.errors]
     return "\n".join(lines)
+
+
+# Runs each vega-lite spec through the page's vega-lite and vega without drawing it, and
+# lists the leaves of its scenegraph: what the chart would draw, with the data behind it.
+SCENES = """async (specs) => {
+  const out = [];
+  for (const spec of specs) {
+    const view = new vega.View(vega.parse(vegaLite.compile(spec).spec), {renderer: 'none'});
+    await view.runAsync();
+    const items = [];
+    // A datum's own values only: some (a voronoi cell's, a selection's) point back into the
+    // scenegraph.
+    const flat = d => d && typeof d === 'object' ? Object.fromEntries(
+      Object.entries(d).filter(([, v]) => v === null || typeof v !== 'object')) : (d ?? null);
+    const walk = (node, ctx) => {
+      if (node.marktype !== undefined) {
+        const inner = {...ctx, marktype: node.marktype, role: node.role, name: node.name || null};
+        for (const i of node.items || []) walk(i, inner);
+        return;
+      }
+      let inner = ctx;
+      if (ctx.role === 'axis') inner = {...ctx, axis: node.datum.scale};
+      else if (ctx.role === 'legend') inner = {...ctx, legend: Object.values(node.datum.scales)};
+      if (!node.items) {
+        const item = {...ctx, datum: flat(node.datum)};
+        for (const k of ['text', 'opacity', 'fill', 'stroke', 'strokeDash', 'x', 'y'])
+          if (node[k] !== undefined) item[k] = node[k];
+        items.push(item);
+      }
+      for (const i of node.items || []) walk(i, inner);
+    };
+    walk(view.scenegraph().root, {});
+    view.finalize();
+    out.push(JSON.stringify(items));
+  }
+  return out;
+}"""
+
+
+def scenes(specs, page, timeout_s=60):
+    """Each vega-lite spec (as `dvc plots show --json` gives it) compiled and run by the
+    vega and vega-lite that `page` (a local HTML file, e.g. vendor/vega/offline.html)
+    carries. Per spec, the leaf items of its scenegraph, each a dict with marktype, role and
+    name of its mark, `axis` (the scale of the axis it belongs to) or `legend` (the scales of
+    its legend) where it has one, its datum, and text, opacity, fill, stroke, strokeDash, x
+    and y where set."""
+    import json
+
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(Path(tmp) / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
+            service_workers="block")
+        context.route("**/*", lambda r: r.continue_() if r.request.url.startswith(LOCAL_SCHEMES)
+                      else r.abort())
+        tab = context.pages[0] if context.pages else context.new_page()
+        tab.set_default_timeout(timeout_s * 1000)
+        tab.goto(Path(page).resolve().as_uri(), wait_until="load")
+        found = tab.evaluate(SCENES, list(specs))
+        context.close()
+    return [json.loads(s) for s in found]

@@ -73,6 +73,8 @@ def create(dest, overrides, form="fer2013_csv", train_per_class=400, test_per_cl
     for key, value in (("core.analytics", "false"), ("plots.html_template", PLOTS_TEMPLATE)):
         subprocess.run([sys.executable, "-m", "dvc", "config", key, value], cwd=dest,
                        check=True, env=env_for(dest))
+    # dvc.yaml's plots name vega templates DVC does not ship; DVC looks for them in .dvc/plots/.
+    shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots")
     git(dest, "add", "-A")
     git(dest, "commit", "-q", "-m", "synthetic demo workspace")
     return dest
