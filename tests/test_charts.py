@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 import yaml
 
+from ferpipe import plots
+from ferpipe.constants import EMOTIONS
+from ferpipe.evaluation import scores
+from ferpipe.tools import demo
+
 import browser
 from conftest import ROOT
-from ferpipe import EMOTIONS, demo, evaluation, plots
 
 PLOTS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
 CHARTS = {next(iter(p)): next(iter(p.values())) for p in PLOTS if isinstance(p, dict)}
@@ -208,7 +212,7 @@ def test_confusion_heatmap_png_has_every_class():
     """evaluate's PNG heat map: seven rows and columns in class order, each true class's row
     summing to 1, although disgust is never predicted and surprise never occurs."""
     y, pred = np.array([(i, j) for i, j in np.ndindex(KNOWN.shape) for _ in range(KNOWN[i, j])]).T
-    cm = evaluation.score(y, np.eye(7)[pred])["confusion"]
+    cm = scores.score(y, np.eye(7)[pred])["confusion"]
     assert (cm == KNOWN).all()
     fig = plots.confusion_heatmap(cm, "known")
     ax = fig.axes[0]
