@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from ferpipe import paths, plots
 from ferpipe.tools import demo, report
 
 import browser
@@ -153,6 +154,58 @@ def test_report_lookups_fall_back_to_the_next_source(tmp_path):
         assert sources and all(f.startswith(("metrics/", "models/")) and k for f, k in sources)
 
 
+def test_report_draws_curves_and_confusion_from_committed_rows(tmp_path, monkeypatch):
+    """A clone without the PNGs (DVC's cache is not in git): training curves and confusion
+    matrices are drawn from the committed CSVs, the calibration comes from evaluate's record,
+    and the page says once which `dvc repro` draws the figures still missing."""
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "metrics/detail").mkdir(parents=True)
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    header = "epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr,seconds,images_per_second\n"
+    for kind in ("cnn", "dnn"):
+        (tmp_path / f"plots/train_{kind}.csv").write_text(
+            header + "".join(f"{i},{2 - i / 4},{0.2 + i / 10},{1.9 - i / 5},{0.3 + i / 20},0.01,5,100\n"
+                             for i in (1, 2, 3)))
+        for split in ("val", "test"):
+            (tmp_path / f"plots/confusion_{kind}_{split}.csv").write_text(
+                "actual,predicted\nangry,angry\nhappy,happy\nhappy,sad\nneutral,neutral\n")
+    (tmp_path / "metrics/detail/split.json").write_text(json.dumps({"private": {"total": 0}}))
+    (tmp_path / "metrics/detail/evaluate.json").write_text(json.dumps({"cnn": {
+        "test": {"tta": "flip"},
+        "calibration": {"temperature": 0.77, "val": {"ece": 0.07, "ece_calibrated": 0.027},
+                        "test": {"ece": 0.064, "ece_calibrated": 0.013}}}}))
+    drawn, heatmap = {}, plots.confusion_heatmap
+
+    def recording(cm, title):  # the matrix and title each confusion figure is drawn from
+        drawn[title] = cm.copy()
+        return heatmap(cm, title)
+    monkeypatch.setattr(plots, "confusion_heatmap", recording)
+    run = report.Run(tmp_path)
+    html = report.page(run, diff=False)
+
+    def section(key):
+        return html.split(f'<section id="{key}">')[1].split("</section>")[0]
+    assert len(images(section("curves"))) == 1 and "plots/train_dnn.csv" in section("curves")
+    confusion = section("confusion")
+    assert len(images(confusion)) == 4 and "private" not in confusion
+    assert "drawn by the report from <code>plots/confusion_dnn_test.csv</code>" in confusion
+    for src in images(section("curves") + confusion):
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    cm = drawn["CNN on test: accuracy 0.750 (flip)"]  # rows: true class, columns: predicted
+    assert cm.sum() == 4 and cm[3, 3] == 1 and cm[3, 4] == 1 and cm[0, 0] == cm[6, 6] == 1
+    assert "DNN on val: accuracy 0.750" in drawn
+    calibration = section("calibration")
+    assert "No calibration" not in calibration and "0.064" in calibration and "0.013" in calibration
+    assert "not available (plots/reliability_cnn.png missing)" in calibration
+    # The command is named once, with the stages that draw the missing figures.
+    assert html.count("dvc repro") == 2 and html.count("missing figures") == 1
+    assert ("run `dvc repro` (or `dvc repro prepare evaluate saliency filters`) to draw the "
+            "13 missing figures") in html
+    assert sorted(run.redrawn) == sorted([paths.TRAINING_CURVES] + [
+        paths.confusion(k, s, "png") for k in ("cnn", "dnn") for s in ("val", "test")])
+    assert paths.RELIABILITY in run.missing and paths.SALIENCY_FACES in run.missing
+
+
 def images(html):
     return re.findall(r'<img src="([^"]*)"', html)
 
@@ -183,6 +236,66 @@ def test_report_is_one_self_contained_page(repo):
     assert "0 differ from HEAD" in compare
     ignored = subprocess.run(["git", "check-ignore", "-q", "report.html"], cwd=repo)
     assert ignored.returncode == 0
+
+
+def test_figures_and_records_are_committed_with_the_run():
+    """A fresh clone has no DVC remote: every output the pages read (plots/, dvclive/,
+    metrics/, release/; every PNG among them) is `cache: false`, so git carries it, and no
+    .gitignore keeps it out. Only the data and models stay in DVC's cache."""
+    outs = {}
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        for o in stage.get("outs", []) + stage.get("metrics", []):
+            path, opts = next(iter(o.items())) if isinstance(o, dict) else (o, {})
+            outs[path] = opts
+    pages = {p for p in outs if p.startswith(("plots/", "dvclive/", "metrics/", "release/"))}
+    assert {p for p in outs if p.endswith(".png")} <= pages
+    cached = sorted(p for p in pages if outs[p].get("cache", True))
+    assert not cached, f"in DVC's cache, so missing from a clone: {cached}"
+    assert set(outs) - pages == {paths.PREPARED, paths.SPLITS, *paths.MODEL.values(),
+                                 paths.CALIBRATION, paths.SELF_TRAIN_MODEL, paths.PREDICTIONS}
+    if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "-v", *sorted(pages)],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert ignored.returncode == 1, f"git ignores outputs a clone needs:\n{ignored.stdout}"
+
+
+@pytest.mark.slow
+def test_a_clone_shows_the_committed_figures_and_redraws_lost_ones(repo, tmp_path):
+    """`git clone` of the committed tiny run has every figure; with the PNGs deleted, the
+    report draws the curves and confusion matrices from the committed CSVs, keeps the
+    calibration, and its last line counts the missing figures and names the command."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    pngs = sorted(p.relative_to(repo).as_posix() for p in (repo / "plots").glob("*.png"))
+    assert len(pngs) >= 18 and all((clone / p).is_file() for p in pngs)
+
+    def make_report():
+        proc = subprocess.run([sys.executable, "-m", "ferpipe.report", "--no-diff"], cwd=clone,
+                              env=demo.env_for(clone), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip().splitlines()[-1], (clone / "report.html").read_text()
+    last, html = make_report()
+    assert re.fullmatch(r"report: wrote .*report\.html with all \d+ figures", last), last
+    assert 'id="missing"' not in html and "not available (plots/" not in html
+
+    for p in pngs:
+        (clone / p).unlink()
+    last, html = make_report()
+    sections = {k: html.split(f'<section id="{k}">')[1].split("</section>")[0]
+                for k in ("curves", "confusion", "calibration")}
+    assert len(images(sections["curves"])) == 1
+    assert len(images(sections["confusion"])) >= 4
+    assert "drawn by the report from" in sections["confusion"]
+    assert "No calibration" not in sections["calibration"]
+    assert re.search(r"CNN PublicTest ECE after calibration</td><td class=\"num\">[0-9.]+<",
+                     sections["calibration"])
+    missing = len([rel for figures in report.FIGURES.values() for rel, _ in figures
+                   if rel not in report.REDRAW])  # all but the curves and confusion matrices
+    assert html.count("png missing)") == missing
+    assert f"but {missing} of " in last and "run `dvc repro` (or `dvc repro prepare evaluate " \
+        f"saliency filters`) to draw the {missing} missing figures" in last, last
+    assert html.count("missing figures") == 1
 
 
 @pytest.mark.slow

@@ -7,13 +7,17 @@ plots/cnn_summary.txt, plots/self_train.csv, models/calibration.json, dvc.yaml, 
 and writes one HTML file: images inlined as data: URIs, tables in HTML, no script and no
 external request. Every metric the page shows is looked up through METRICS below (label,
 file, key path, with fallbacks where a key may move); a missing file or key is shown as "not
-available" with the file named, never an error. Run it after `dvc repro`.
+available" with the file named, never an error. A figure missing from the checkout is drawn
+from the committed rows it was made from where they are there (training curves from
+plots/train_*.csv, confusion matrices from plots/confusion_*.csv); the page, and the
+command's last line, name the figures still missing and the `dvc repro` that draws them.
 """
 import argparse
 import base64
 import csv
 import datetime
 import html
+import io
 import json
 import subprocess
 import sys
@@ -150,11 +154,13 @@ nav a { margin-right: 0.8em; }
 
 
 class Run:
-    """The files of one run, read once; lookups never raise."""
+    """The files of one run, read once; lookups never raise. Rendering notes the figures
+    shown (`shown_figures`), those drawn here from their rows (`redrawn`) and those missing."""
 
     def __init__(self, root):
         self.root = Path(root)
         self._json = {}
+        self.shown_figures, self.redrawn, self.missing = [], [], []
 
     def json(self, rel):
         if rel not in self._json:
@@ -256,15 +262,92 @@ def table(header, rows, numeric=()):
     return "\n".join(out)
 
 
+def read_rows(run, rel):
+    """The rows of a committed CSV as dicts, or None when it is missing or unreadable."""
+    try:
+        with open(run.root / rel, newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return None
+
+
+def redraw_curves(run):
+    """plots/training_curves.png as evaluate draws it, from the per-epoch CSVs."""
+    from ferpipe import plots  # matplotlib only when a figure has to be drawn here
+
+    histories = {}
+    for kind, rel in paths.HISTORY.items():
+        rows = read_rows(run, rel)
+        if not rows:
+            return None, None
+        try:
+            histories[kind] = {col: [float(r[col]) for r in rows] for col in
+                               ("epoch", "train_loss", "val_loss", "train_accuracy",
+                                "val_accuracy", "lr")}
+        except (KeyError, TypeError, ValueError):
+            return None, None
+    return plots.training_curves(histories), list(paths.HISTORY.values())
+
+
+def redraw_confusion(kind, split):
+    """One confusion matrix as evaluate draws it, from its rows (true, predicted class)."""
+    def draw(run):
+        import numpy as np
+
+        from ferpipe import plots
+        from ferpipe.constants import EMOTIONS
+
+        rel = paths.confusion(kind, split, "csv")
+        rows = read_rows(run, rel)
+        if not rows:  # no file, or a split without faces: nothing to draw
+            return None, None
+        index = {name: i for i, name in enumerate(EMOTIONS)}
+        cm = np.zeros((len(EMOTIONS), len(EMOTIONS)), dtype=int)
+        for r in rows:
+            if r.get("actual") not in index or r.get("predicted") not in index:
+                return None, None
+            cm[index[r["actual"]], index[r["predicted"]]] += 1
+        tta = run.get(paths.EVALUATE_DETAIL, f"{kind}.{split}.tta")[0]
+        title = (f"{kind.upper()} on {split}: accuracy {np.trace(cm) / cm.sum():.3f}"
+                 + (f" ({tta})" if tta else ""))
+        return plots.confusion_heatmap(cm, title), [rel]
+    return draw
+
+
+# The figures the report can draw itself from committed rows: png -> draw(run) returning
+# (figure, the files it read) or (None, None).
+REDRAW = {paths.TRAINING_CURVES: redraw_curves,
+          **{paths.confusion(k, s, "png"): redraw_confusion(k, s)
+             for k in paths.KINDS for s in paths.EVAL_SPLITS}}
+
+
+def png_bytes(fig):
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # as files.save_figure
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def image(run, rel, caption):
     path = run.root / rel
+    note = ""
     try:
         data = path.read_bytes()
     except OSError:
-        return f"<p>{e(caption)}: {na(rel + ' missing')}</p>"
+        fig, sources = REDRAW.get(rel, lambda _: (None, None))(run)
+        if fig is None:
+            run.missing.append(rel)
+            return f"<p>{e(caption)}: {na(rel + ' missing')}</p>"
+        data = png_bytes(fig)
+        run.redrawn.append(rel)
+        note = ("; not in this checkout, drawn by the report from "
+                + ", ".join(f"<code>{e(s)}</code>" for s in sources))
+    run.shown_figures.append(rel)
     uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
     return (f'<figure><img src="{uri}" alt="{e(rel)}"><figcaption>{e(caption)} '
-            f"(<code>{e(rel)}</code>)</figcaption></figure>")
+            f"(<code>{e(rel)}</code>{note})</figcaption></figure>")
 
 
 def figures(run, section):
@@ -351,12 +434,18 @@ def section_per_class(run):
     return "\n".join(parts) or f"<p>{na('no split in ' + paths.PER_CLASS)}</p>"
 
 
+CALIBRATION_METRICS = ("temperature", "ece_val", "ece_val_cal", "ece_test", "ece_test_cal")
+
+
 def section_calibration(run):
-    if not ((run.root / paths.RELIABILITY).exists() or (run.root / paths.CALIBRATION).exists()):
-        return (f"<p>No calibration in this run ({e(paths.RELIABILITY)} and "
-                f"{e(paths.CALIBRATION)} missing).</p>")
-    rows = [[e(METRICS[n][0]), shown(run, n)]
-            for n in ("temperature", "ece_val", "ece_val_cal", "ece_test", "ece_test_cal")]
+    # The calibration is in evaluate's record (metrics/detail/evaluate.json, committed):
+    # models/calibration.json is in DVC's cache, not in a fresh clone.
+    if (not any(run.metric(n)[0] is not None for n in CALIBRATION_METRICS)
+            and not (run.root / paths.RELIABILITY).exists()):
+        sources = sorted({rel for n in CALIBRATION_METRICS for rel, _ in METRICS[n][2]})
+        return (f"<p>No calibration in this run (no temperature or ECE in "
+                f"{e(' or '.join(sources))}, {e(paths.RELIABILITY)} missing).</p>")
+    rows = [[e(METRICS[n][0]), shown(run, n)] for n in CALIBRATION_METRICS]
     return table(["figure", "value"], rows, numeric=(1,)) + figures(run, "calibration")
 
 
@@ -383,6 +472,37 @@ def section_self_training(run):
     else:
         parts.append(f"<p>{na(paths.SELF_TRAIN_ROUNDS + ' missing')}</p>")
     return "\n".join(parts)
+
+
+def producers(root):
+    """Output path -> the stage of dvc.yaml that writes it, in dvc.yaml's order ({} without
+    a readable dvc.yaml)."""
+    try:
+        stages = yaml.safe_load((Path(root) / "dvc.yaml").read_text())["stages"]
+        return {next(iter(o)) if isinstance(o, dict) else o: name
+                for name, st in stages.items() for o in st.get("outs", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        return {}
+
+
+def repro_hint(run):
+    """What to run to draw the missing figures: `dvc repro` (or `dvc repro <their stages>`)."""
+    made_by = producers(run.root)
+    order = list(dict.fromkeys(made_by.values()))
+    stages = sorted({made_by[rel] for rel in run.missing if rel in made_by}, key=order.index)
+    n = len(run.missing)
+    return ("run `dvc repro`" + (f" (or `dvc repro {' '.join(stages)}`)" if stages else "")
+            + f" to draw the {n} missing figure{'s' if n != 1 else ''}")
+
+
+def missing_note(run):
+    """The one paragraph, at the top of the page, that says what to run for missing figures."""
+    if not run.missing:
+        return ""
+    return (f'<p id="missing" class="na">{len(run.missing)} of '
+            f"{len(run.missing) + len(run.shown_figures)} figures are not in this checkout "
+            f"({e(', '.join(run.missing))}): {e(repro_hint(run))}; it also re-runs any stage "
+            "before them whose outputs are missing.</p>")
 
 
 def declared(root):
@@ -515,7 +635,11 @@ def commit(root):
 
 def render(root=".", diff=True):
     """The report of the run in `root` as one HTML string."""
-    run = Run(root)
+    return page(Run(root), diff)
+
+
+def page(run, diff=True):
+    """The report of `run` (a Run, which notes the figures shown and missing) as HTML."""
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     head = commit(run.root)
     body = [f"<h1>fer-pipeline report</h1><p>Generated {e(now)} from <code>{e(run.root.resolve())}"
@@ -525,6 +649,7 @@ def render(root=".", diff=True):
     for key, title, fill in SECTIONS:
         content = fill(run) if key != "compare" else fill(run, diff=diff)
         body.append(f'<section id="{key}"><h2>{e(title)}</h2>\n{content}\n</section>')
+    body.insert(1, missing_note(run))  # known once every section is drawn; said once, on top
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<title>fer-pipeline report</title>\n"
             # Nothing may be fetched: images are data: URIs, no scripts at all.
@@ -533,9 +658,10 @@ def render(root=".", diff=True):
             f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
 
 
-def write(root=".", out="report.html", diff=True):
+def write(root=".", out="report.html", diff=True, run=None):
+    """Writes the page of `run` (default: the run in `root`); returns its path."""
     out = Path(root) / out if not Path(out).is_absolute() else Path(out)
-    files.write_text(out, render(root, diff=diff))  # atomically: never a half page
+    files.write_text(out, page(run or Run(root), diff=diff))  # atomically: never a half page
     return out
 
 
@@ -545,7 +671,16 @@ def main(argv=None):
     ap.add_argument("--out", default="report.html", help="relative to --root unless absolute")
     ap.add_argument("--no-diff", action="store_true", help="skip `dvc metrics diff HEAD`")
     a = ap.parse_args(argv)
-    print(f"report: wrote {write(a.root, a.out, diff=not a.no_diff)}")
+    run = Run(a.root)
+    out = write(a.root, a.out, diff=not a.no_diff, run=run)
+    redrawn = (f"; {len(run.redrawn)} drawn from the committed rows they were made from"
+               if run.redrawn else "")
+    if run.missing:
+        print(f"report: wrote {out}, but {len(run.missing)} of "
+              f"{len(run.missing) + len(run.shown_figures)} figures are missing (shown as not "
+              f"available){redrawn}: {repro_hint(run)}")
+    else:
+        print(f"report: wrote {out} with all {len(run.shown_figures)} figures{redrawn}")
 
 
 if __name__ == "__main__":
