@@ -1,6 +1,6 @@
 """Faces in users' pictures: images of any format and mode read upright, video and webcam
-frames, OpenCV's bundled Haar face detector, and the crop that frames a detected face the
-way FER2013 frames its faces (48x48 gray).
+frames, OpenCV's bundled Haar face detectors (frontal and profile), and the crop that frames
+a detected face the way FER2013 frames its faces (48x48 gray).
 
     python -m ferpipe.use.faces data/splits.npz    # measure that framing (the MARGIN below)
 """
@@ -23,6 +23,15 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 # none on scikit-image's coins photo (default: 6), 2 boxes on a 4000 px photo with one face
 # (default: 7). docs/use-the-model.md has the comparison.
 CASCADE = "haarcascade_frontalface_alt2.xml"
+# Frontal cascades miss faces turned more than about 30 degrees (scikit-image's cameraman,
+# turned about 45 degrees: no box even at --min-face 20). OpenCV's profile cascade, also
+# bundled, finds faces turned to one side; run on the mirrored picture as well, it finds
+# both sides (docs/use-the-model.md has the before/after on scikit-image's photos).
+PROFILE_CASCADE = "haarcascade_profileface.xml"
+# Two boxes are one face when their intersection covers this share of the smaller box; a
+# frontal box is kept over a profile box of the same face, as the margin below was
+# measured on frontal boxes.
+SAME_FACE = 0.3
 SCALE_FACTOR = 1.1   # OpenCV's default: 10% between the window sizes tried
 MIN_NEIGHBORS = 5    # overlapping hits a box needs; fewer finds more faces and more background
 # Share of the Haar box's side added on every side before cropping. FER2013's faces were cut
@@ -117,11 +126,11 @@ def set_threads(threads):
         cv2.setNumThreads(threads)
 
 
-@functools.lru_cache(maxsize=1)
-def cascade():
+@functools.lru_cache(maxsize=2)
+def cascade(name=CASCADE):
     import cv2
 
-    path = Path(cv2.data.haarcascades) / CASCADE
+    path = Path(cv2.data.haarcascades) / name
     detector = cv2.CascadeClassifier(str(path))
     if detector.empty():
         raise FerPipeError(f"{path}: OpenCV's face cascade cannot be loaded; reinstall "
@@ -129,11 +138,35 @@ def cascade():
     return detector
 
 
-def detect(gray, min_face, scale_factor=SCALE_FACTOR, min_neighbors=MIN_NEIGHBORS):
-    """Frontal faces in a gray image as (x, y, w, h) boxes, left to right."""
-    boxes = cascade().detectMultiScale(np.ascontiguousarray(gray), scaleFactor=scale_factor,
-                                       minNeighbors=min_neighbors, minSize=(min_face, min_face))
-    return sorted((tuple(int(v) for v in b) for b in boxes), key=lambda b: (b[0], b[1]))
+def _boxes(name, gray, min_face, scale_factor, min_neighbors):
+    boxes = cascade(name).detectMultiScale(np.ascontiguousarray(gray), scaleFactor=scale_factor,
+                                           minNeighbors=min_neighbors, minSize=(min_face, min_face))
+    return [tuple(int(v) for v in b) for b in boxes]
+
+
+def same_face(a, b, share=SAME_FACE):
+    """Whether boxes a and b overlap by `share` of the smaller one's area."""
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return w > 0 and h > 0 and w * h >= share * min(a[2] * a[3], b[2] * b[3])
+
+
+def detect(gray, min_face, scale_factor=SCALE_FACTOR, min_neighbors=MIN_NEIGHBORS,
+           profiles=True):
+    """Faces in a gray image as (x, y, w, h) boxes, left to right: the frontal cascade's,
+    then (profiles=True) the profile cascade's on the picture and on its mirror image,
+    each kept only where no box already kept covers the same face (largest first)."""
+    kept = _boxes(CASCADE, gray, min_face, scale_factor, min_neighbors)
+    if profiles:
+        width = gray.shape[1]
+        found = _boxes(PROFILE_CASCADE, gray, min_face, scale_factor, min_neighbors)
+        # The profile cascade finds faces turned one way; mirrored, the other way.
+        found += [(width - x - w, y, w, h) for x, y, w, h in
+                  _boxes(PROFILE_CASCADE, gray[:, ::-1], min_face, scale_factor, min_neighbors)]
+        for box in sorted(found, key=lambda b: -b[2] * b[3]):
+            if not any(same_face(box, k) for k in kept):
+                kept.append(box)
+    return sorted(kept, key=lambda b: (b[0], b[1]))
 
 
 def frame_box(box, margin=MARGIN):
@@ -186,7 +219,7 @@ def measure_framing(faces, upscale=3, scale_factor=1.02):
         img = cv2.resize(face, (big, big), interpolation=cv2.INTER_CUBIC)
         img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT,
                                  value=int(face.mean()))
-        found = detect(img, big // 3, scale_factor)
+        found = detect(img, big // 3, scale_factor, profiles=False)  # as measured
         if found:
             x, y, w, h = max(found, key=lambda b: b[2] * b[3])
             boxes.append(((x - pad) / upscale, (y - pad) / upscale, w / upscale, h / upscale))
