@@ -15,6 +15,7 @@ from PIL import Image
 
 from ferpipe import files
 from ferpipe.constants import EMOTIONS
+from ferpipe.errors import FerPipeError
 from ferpipe.model import infer, networks
 from ferpipe.tools import synthetic
 from ferpipe.use import classify, faces, release
@@ -265,9 +266,16 @@ def test_the_model_used_by_default(tmp_path, monkeypatch, capsys):
     (tmp_path / "release").mkdir()
     (tmp_path / "release" / "fer_cnn.onnx").write_bytes(b"graph")
     assert release.locate() == (tmp_path / "release" / "fer_cnn.onnx", "onnx")
+    with pytest.raises(FerPipeError, match="no torch model: neither models/cnn.pt nor "
+                                           "release/fer_cnn.pt"):
+        release.locate(backend="torch")
+    (tmp_path / "release" / "fer_cnn.pt").write_bytes(b"weights")  # what Grad-CAM runs
+    assert release.locate(backend="torch") == (tmp_path / "release" / "fer_cnn.pt", "torch")
+    assert release.locate() == (tmp_path / "release" / "fer_cnn.onnx", "onnx")  # still the default
     save_tiny_cnn(tmp_path / "models" / "cnn.pt")
     assert release.locate() == (tmp_path / "models" / "cnn.pt", "torch")
     assert release.locate(backend="onnx")[1] == "onnx"
+    assert release.locate(backend="torch") == (tmp_path / "models" / "cnn.pt", "torch")
     assert release.locate("x.onnx") == (release.Path("x.onnx"), "onnx")
 
 
@@ -328,6 +336,36 @@ def test_explain_puts_a_gradcam_tile_beside_each_box(model_path, tmp_path, capsy
     tile = b[fy + 2:fy + side - 2, fx + side + 2:fx + 2 * side - 2]
     colourful = (tile.max(-1) - tile.min(-1)) > 30
     assert 0 < colourful.mean() < 0.9
+
+
+def test_explain_in_a_fresh_clone_runs_the_release_weights(tmp_path, monkeypatch, capsys):
+    """No models/, only release/ as export writes it: --explain runs Grad-CAM on the release's
+    PyTorch weights (sha256 checked, the card's temperature and views) and gives the labels
+    and probabilities of the graph that classify runs without it."""
+    from test_export import T, release_files  # the files the export stage writes
+
+    model, ckpt = save_tiny_cnn(tmp_path / "trained" / "cnn.pt")
+    clone = tmp_path / "clone"
+    release_files(clone / "release", model, ckpt, tmp_path / "trained" / "cnn.pt")
+    monkeypatch.chdir(clone)
+    monkeypatch.setattr(release, "ROOT", clone)
+    status, _, err = run(capsys, ASTRONAUT, "--out", clone / "plain")
+    assert status == 0 and "release/fer_cnn.onnx (onnxruntime" in err, err
+    status, _, err = run(capsys, ASTRONAUT, "--out", clone / "explained", "--explain",
+                         "--precision", "fp32")
+    assert status == 0, err
+    assert re.search(rf"model \S*release/fer_cnn\.pt \(torch fp32, sha256 checked, temperature "
+                     rf"{T:.3f} from \S*release/model_card\.json\); tta flip;", err), err
+    assert not (clone / "models").exists()
+    plain = read_rows(clone / "plain" / "faces.csv")
+    explained = read_rows(clone / "explained" / "faces.csv")
+    assert len(plain) == 1 and [r["label"] for r in plain] == [r["label"] for r in explained]
+    assert max(abs(float(a[e]) - float(b[e])) for a, b in zip(plain, explained)
+               for e in EMOTIONS) <= 1e-4
+    a = np.asarray(Image.open(clone / "plain" / "annotated" / "astronaut.png"), np.int16)
+    b = np.asarray(Image.open(clone / "explained" / "annotated" / "astronaut.png"), np.int16)
+    fx, fy, side, _ = faces.frame_box(tuple(int(plain[0][k]) for k in "xywh"))
+    assert (np.abs(a - b).max(-1) > 0)[fy:fy + side, fx + side:fx + 2 * side].mean() > 0.9  # the tile
 
 
 def test_explain_refuses_the_onnx_backend_clearly(tmp_path, capsys):

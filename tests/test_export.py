@@ -1,17 +1,20 @@
 """The export stage: the ONNX graph against PyTorch (fp32 and fp16 weights, one network and
-an ensemble), its dynamic batch, the model card, the sha256 check that refuses a changed
-file, classify on onnxruntime, and the stage script in a workspace."""
+an ensemble), its dynamic batch, the PyTorch weights that ship beside it, the model card and
+the graph's own accuracy on onnxruntime, the sha256 checks that refuse a changed file,
+classify on onnxruntime, and the stage script in a workspace."""
 import csv
 import io
 import json
+import os
 
 import numpy as np
 import pytest
+import torch
 
 from ferpipe import files
 from ferpipe.constants import EMOTIONS
 from ferpipe.errors import FerPipeError
-from ferpipe.model import infer
+from ferpipe.model import infer, networks
 from ferpipe.tools import synthetic
 from ferpipe.use import classify, export, faces, release
 
@@ -43,14 +46,19 @@ def calibration_for(path, temperature=T):
 
 
 def release_files(folder, model, ckpt, path, settings=SETTINGS, val=None):
-    """What the stage writes, written by the same calls: (graph path, card)."""
+    """What the stage writes, written by the same calls: (graph path, card); the PyTorch
+    weights lie beside the graph as fer_cnn.pt."""
     graph = export.to_onnx(model, ckpt["input_size"], T, settings)
-    x = val if val is not None else synthetic.make_faces(2, seed=0)[0]
+    weights = export.weights(model, ckpt, settings)
+    x, y = (val, None) if val is not None else synthetic.make_faces(2, seed=0)
     measured = export.parity(model, graph, x, ckpt["input_size"], T)
-    card = export.card(graph, "fer_cnn.onnx", model, ckpt, calibration_for(path), measured,
-                       settings, {"data": "synthetic"})
+    y = y if y is not None else np.arange(len(x)) % 7
+    accuracy = export.release_accuracy(graph, {"val_x": x, "val_y": y}, ckpt["input_size"], "flip")
+    card = export.card(graph, "fer_cnn.onnx", weights, "fer_cnn.pt", model, ckpt,
+                       calibration_for(path), measured, accuracy, settings, {"data": "synthetic"})
     folder.mkdir(parents=True, exist_ok=True)
-    files.write_outputs({folder / "fer_cnn.onnx": graph, folder / "model_card.json": card})
+    files.write_outputs({folder / "fer_cnn.onnx": graph, folder / "fer_cnn.pt": weights,
+                         folder / "model_card.json": card})
     return folder / "fer_cnn.onnx", card
 
 
@@ -116,7 +124,12 @@ def test_the_model_card(net, tmp_path):
     assert card["temperature"] == T and card["tta"] == "flip"
     assert card["params"] == sum(p.numel() for p in model.parameters())
     assert card["members"] == len(getattr(model, "members", [model]))
-    assert card["accuracy"]["test"]["accuracy"] == 0.45
+    assert card["pytorch_accuracy"]["test"]["accuracy"] == 0.45  # evaluate's, kept beside
+    assert set(card["accuracy"]) == {"val"} and card["accuracy"]["val"]["faces"] == 14
+    assert "onnxruntime" in card["accuracy_scored_as"] and "flip" in card["accuracy_scored_as"]
+    weights = tmp_path / "release" / card["weights"]["file"]
+    assert card["weights"]["sha256"] == files.sha256(weights)
+    assert card["weights"]["bytes"] == weights.stat().st_size
     assert card["calibration"]["val"]["ece_calibrated"] == 0.02
     assert card["checkpoint_sha256"] == files.sha256(path)
     assert card["git_commit"] == "unknown" or len(card["git_commit"]) == 40
@@ -138,6 +151,76 @@ def test_a_changed_graph_is_refused(tmp_path, capsys):
     (tmp_path / "release" / "model_card.json").unlink()
     with pytest.raises(FerPipeError, match="model_card.json: not found"):
         release.load_onnx(graph_path)
+
+
+def test_the_release_weights_rebuild_the_exported_network(net, val_faces, tmp_path):
+    """release/fer_cnn.pt, loaded as classify loads it, is the network the graph came from,
+    in ~4 bytes a parameter (the CNN's 456K: ~1.8 MB), and fp16 halves it."""
+    model, ckpt, path = net
+    graph_path, card = release_files(tmp_path / "release", model, ckpt, path)
+    weights = graph_path.with_name("fer_cnn.pt")
+    loaded, loaded_ckpt, loaded_card = release.load_weights(weights)
+    assert loaded_card == card
+    assert {k: loaded_ckpt.get(k) for k in ("kind", "config", "input_size", "members")} == \
+        {k: ckpt.get(k) for k in ("kind", "config", "input_size", "members")}
+    got = infer.predict_proba(loaded, val_faces, 40, "flip", temperature=T)
+    want = infer.predict_proba(model, val_faces, 40, "flip", temperature=T)
+    assert np.abs(got - want).max() <= 1e-6
+    params = sum(p.numel() for p in model.parameters())
+    assert 4 * params < weights.stat().st_size < 4 * params + 40_000
+
+    half = export.weights(model, ckpt, {**SETTINGS, "precision": "fp16"})
+    big, big_ckpt = save_tiny_cnn(tmp_path / "big.pt", widths=[32, 64], head=[64])  # 25k weights
+    assert len(export.weights(big, big_ckpt, {**SETTINGS, "precision": "fp16"})) < \
+        0.6 * len(export.weights(big, big_ckpt, SETTINGS))
+    (tmp_path / "half").mkdir()
+    files.write_bytes(tmp_path / "half" / "fer_cnn.pt", half)
+    files.write_json(tmp_path / "half" / "model_card.json",
+                     {**card, "weights": {**card["weights"], "sha256": files.sha256(
+                         tmp_path / "half" / "fer_cnn.pt")}})
+    halved = release.load_weights(tmp_path / "half" / "fer_cnn.pt")[0]
+    assert next(halved.parameters()).dtype == torch.float32  # cast back into the fp32 network
+    got = infer.predict_proba(halved, val_faces, 40, "none", temperature=T)
+    assert np.abs(got - infer.predict_proba(model, val_faces, 40, "none", temperature=T)).max() <= 5e-3
+
+
+def test_changed_release_weights_are_refused(tmp_path, capsys):
+    model, ckpt = save_tiny_cnn(tmp_path / "cnn.pt")
+    graph_path, card = release_files(tmp_path / "release", model, ckpt, tmp_path / "cnn.pt")
+    weights = graph_path.with_name("fer_cnn.pt")
+    release.load_weights(weights)  # as written: accepted
+    save_tiny_cnn(weights, seed=3)  # a sound checkpoint, but not the one the card describes
+    with pytest.raises(FerPipeError, match=r"fer_cnn\.pt: sha256 [0-9a-f]{64} does not match the "
+                                           + card["weights"]["sha256"]):
+        release.load_weights(weights)
+    status = classify.run([str(faces.__file__), "--model", str(weights), "--explain", "--out",
+                           str(tmp_path / "out")])
+    assert status == 2 and "fer_cnn.pt: sha256" in capsys.readouterr().err
+    # A card from before the weights shipped vouches for nothing.
+    files.write_json(graph_path.with_name("model_card.json"),
+                     {k: v for k, v in card.items() if k != "weights"})
+    with pytest.raises(FerPipeError, match="model_card.json: records no sha256 for fer_cnn.pt"):
+        release.load_weights(weights)
+
+
+class RunsCode:
+    """Unpickled, this calls a function: what weights_only loading must refuse."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_release_weights_that_would_run_code_are_refused(tmp_path):
+    model, ckpt = save_tiny_cnn(tmp_path / "cnn.pt")
+    graph_path, card = release_files(tmp_path / "release", model, ckpt, tmp_path / "cnn.pt")
+    weights = graph_path.with_name("fer_cnn.pt")
+    torch.save({**ckpt, "meta": {"hook": RunsCode()}}, weights)
+    # Even a card that vouches for the file does not make it safe to unpickle.
+    card["weights"]["sha256"] = files.sha256(weights)
+    files.write_json(graph_path.with_name("model_card.json"), card)
+    with pytest.raises(FerPipeError, match=r"fer_cnn\.pt: refused to load: not a plain weights "
+                                           r"file; .*could run code \(it asks for \w+\.getcwd\)"):
+        release.load_weights(weights)
 
 
 def test_classify_on_onnxruntime_gives_the_torch_labels(tmp_path, capsys, val_faces):
@@ -165,24 +248,81 @@ def test_classify_on_onnxruntime_gives_the_torch_labels(tmp_path, capsys, val_fa
     assert np.abs(got["torch"] - got["onnx"]).max() <= 1e-4
 
 
-def test_the_export_stage(workspace):
+def varied_cnn(path, faces, seed=3):
+    """An untrained tiny CNN whose batch-norm statistics are those of `faces`, saved as
+    train_cnn saves one: unlike a fresh one (which gives most faces one label) its labels vary
+    from face to face and from view to view, as a trained network's do."""
+    model, ckpt = save_tiny_cnn(path, seed=seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # a plain mean over the one batch
+            m.reset_running_stats()
+    with torch.no_grad():
+        model.train()(infer.center_crop(infer.to_float(faces, "cpu"), 40))
+    model.eval()
+    files.save_torch(path, networks.checkpoint(model, "cnn", ckpt["config"], 40, ckpt["meta"]))
+    return model
+
+
+def independent_accuracy(graph_path, x, y):
+    """Accuracy of the graph with flip views, computed without ferpipe's view code: the
+    centre 40x40 crop of each 48x48 face and its mirror through onnxruntime, probabilities
+    averaged."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
+    centre = (x[:, None, 4:44, 4:44] / np.float32(255)).astype(np.float32)
+    probs = sum(session.run(None, {"faces": np.ascontiguousarray(v)})[0]
+                for v in (centre, centre[..., ::-1]))
+    return float((probs.argmax(1) == y).mean())
+
+
+def test_the_export_stage(workspace, tmp_path, capsys):
     """The stage script in a workspace: release/ from models/cnn.pt, the temperature from
-    models/calibration.json, parity measured on the validation faces."""
+    models/calibration.json, parity measured on the validation faces, the graph's own
+    accuracy on validation and test, and the PyTorch weights beside it."""
+    from PIL import Image
+
     ws = workspace.path
-    model, ckpt = save_tiny_cnn(ws / "models" / "cnn.pt")
     x, y = synthetic.make_faces(4, seed=1)
-    files.save_npz(ws / "data" / "splits.npz", train_y=y, val_x=x, val_y=y, test_y=y[:7])
+    varied_cnn(ws / "models" / "cnn.pt", x)
+    test_x, test_y = synthetic.make_faces(2, seed=2)
+    files.save_npz(ws / "data" / "splits.npz", train_y=y, val_x=x, val_y=y, test_x=test_x,
+                   test_y=test_y, private_x=x[:0], private_y=y[:0])
     files.write_json(ws / "metrics" / "detail" / "data.json",
                      {"form": "fer2013_csv", "files": ["data/raw/x.csv"]})
     files.write_json(ws / "models" / "calibration.json", calibration_for(ws / "models" / "cnn.pt"))
     workspace.set_params(runtime={"threads": 1})
     proc = workspace.run("export")
     assert "export: wrote release/fer_cnn.onnx" in proc.stdout
+    assert "and release/fer_cnn.pt" in proc.stdout
     card = json.loads((ws / "release" / "model_card.json").read_text())
     assert card["sha256"] == files.sha256(ws / "release" / "fer_cnn.onnx")
+    assert card["weights"]["sha256"] == files.sha256(ws / "release" / "fer_cnn.pt")
     assert card["parity"]["faces"] == len(x) and card["parity"]["argmax_agreement"] == 1.0
     assert card["trained_on"] == {"data": "fer2013_csv", "files": ["data/raw/x.csv"],
-                                  "train_faces": 28, "val_faces": 28, "test_faces": 7}
+                                  "train_faces": 28, "val_faces": 28, "test_faces": 14}
+    # The release's accuracy is the graph's on onnxruntime with the card's views (flip),
+    # measured on every labelled split; evaluate's PyTorch figures stay beside it.
+    assert card["tta"] == "flip" and set(card["accuracy"]) == {"val", "test"}
+    # These faces tell the views apart: the centre crop alone scores otherwise.
+    assert card["accuracy"]["val"]["accuracy"] != card["accuracy"]["val"]["single_crop_accuracy"]
+    for name, (faces_x, faces_y) in {"val": (x, y), "test": (test_x, test_y)}.items():
+        assert card["accuracy"][name]["faces"] == len(faces_y)
+        assert card["accuracy"][name]["accuracy"] == independent_accuracy(
+            ws / "release" / "fer_cnn.onnx", faces_x, faces_y)
+    assert card["pytorch_accuracy"] == calibration_for(ws / "models" / "cnn.pt")["accuracy"]
+    # ... and what classify gives on those faces, one file each.
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i, face in enumerate(x):
+        Image.fromarray(face).save(folder / f"{i:03d}.png")
+    assert classify.run([str(folder), "--no-detect", "--model",
+                         str(ws / "release" / "fer_cnn.onnx")]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    labels = np.array([int(r["label_index"]) for r in rows])
+    assert len(set(labels)) > 1  # an untrained network, yet not one label for every face
+    assert card["accuracy"]["val"]["accuracy"] == float((labels == y).mean())
     assert card["git_commit"] == "unknown"  # the workspace is no git checkout
     # A temperature fitted on other weights is refused, not silently applied.
     save_tiny_cnn(ws / "models" / "cnn.pt", seed=9)

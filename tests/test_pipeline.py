@@ -107,11 +107,14 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
     card = json.loads((ws / "release/model_card.json").read_text())
     assert card["sha256"] == files.sha256(ws / "release/fer_cnn.onnx")
     assert card["temperature"] == cal["temperature"]
-    assert card["accuracy"]["test"]["accuracy"] == ev["cnn"]["test"]["accuracy"]
+    assert card["pytorch_accuracy"]["test"]["accuracy"] == ev["cnn"]["test"]["accuracy"]
+    assert card["accuracy"]["test"]["faces"] == 70 and 0 <= card["accuracy"]["test"]["accuracy"] <= 1
+    assert card["weights"]["sha256"] == files.sha256(ws / "release/fer_cnn.pt")
     assert card["parity"]["argmax_agreement"] >= 0.999 and card["parity"]["faces"] == 21
     assert re.fullmatch(r"[0-9a-f]{40}", card["git_commit"])
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["export"]
-    assert {o["path"] for o in lock["outs"]} == {"release/fer_cnn.onnx", "release/model_card.json"}
+    assert {o["path"] for o in lock["outs"]} == {"release/fer_cnn.onnx", "release/fer_cnn.pt",
+                                                 "release/model_card.json"}
     assert not (ws / "release/.gitignore").exists()  # cache: false: git carries them
     # metrics and plots are readable by DVC itself
     shown = json.loads(demo.dvc(ws, "metrics", "show", "--json", capture=True).stdout)
@@ -122,7 +125,8 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
 
 
 def test_classify_uses_the_release_in_a_clone(repo, tmp_path):
-    """Without models/cnn.pt (a fresh clone), classify runs the committed release."""
+    """Without models/cnn.pt (a fresh clone), classify runs the committed release, and
+    --explain its PyTorch weights."""
     import subprocess
     import sys
 
@@ -133,7 +137,7 @@ def test_classify_uses_the_release_in_a_clone(repo, tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
     (clone / "release").mkdir()
-    for name in ("fer_cnn.onnx", "model_card.json"):  # what a commit of release/ carries
+    for name in ("fer_cnn.onnx", "fer_cnn.pt", "model_card.json"):  # what release/ carries
         (clone / "release" / name).write_bytes((ws / "release" / name).read_bytes())
     assert not (clone / "models/cnn.pt").exists()
     proc = subprocess.run([sys.executable, "-m", "ferpipe.use.classify", str(tmp_path), "--no-detect"],
@@ -141,6 +145,13 @@ def test_classify_uses_the_release_in_a_clone(repo, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "release/fer_cnn.onnx (onnxruntime" in proc.stderr
     assert len(pd.read_csv(io.StringIO(proc.stdout))) == 7
+    pictures = [str(tmp_path / f"{i}.png") for i in range(len(x))]
+    proc = subprocess.run([sys.executable, "-m", "ferpipe.classify", *pictures, "--no-detect",
+                           "--explain", "--out", str(tmp_path / "explained")],
+                          cwd=clone, env=demo.env_for(clone), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "release/fer_cnn.pt (torch" in proc.stderr and "sha256 checked" in proc.stderr
+    assert len(list((tmp_path / "explained" / "annotated").rglob("*.png"))) == 7
 
 
 def test_nothing_reruns_when_nothing_changed(repo):

@@ -50,8 +50,10 @@ MISCLASSIFIED = {kind: f"plots/misclassified_{kind}_val.png" for kind in KINDS}
 
 PREDICTIONS = "predictions.csv"
 
-# The exported CNN and its model card: committed (cache: false), so a fresh clone classifies.
+# The exported CNN, its PyTorch weights (for Grad-CAM) and its model card: committed
+# (cache: false), so a fresh clone classifies and explains.
 RELEASE_ONNX = "release/fer_cnn.onnx"
+RELEASE_WEIGHTS = "release/fer_cnn.pt"
 RELEASE_CARD = "release/model_card.json"
 
 SALIENCY_FACES = "plots/saliency_faces.png"

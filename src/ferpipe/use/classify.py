@@ -392,11 +392,14 @@ def run(argv=None):
 
     a = parse_args(argv)
     try:
-        if a.explain and locate(a.model, a.backend)[1] == "onnx":
+        # Grad-CAM takes gradients, which onnxruntime does not give: --explain runs a torch
+        # network (models/cnn.pt, else the release's weights) unless told otherwise.
+        backend = a.backend or ("torch" if a.explain and not a.model else None)
+        if a.explain and locate(a.model, backend)[1] == "onnx":
             raise FerPipeError("--explain needs the torch model: Grad-CAM takes gradients, which "
-                               "onnxruntime does not give; use --backend torch (models/cnn.pt) "
-                               "or --model PATH.pt")
-        clf = load_classifier(a.model, a.backend, a.threads, a.precision)
+                               "onnxruntime does not give; use --backend torch (models/cnn.pt, "
+                               "else release/fer_cnn.pt) or --model PATH.pt")
+        clf = load_classifier(a.model, backend, a.threads, a.precision)
     except FerPipeError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -1,10 +1,14 @@
-"""The CNN as one ONNX graph for onnxruntime, its parity with PyTorch, and its model card.
+"""The CNN as one ONNX graph for onnxruntime, its PyTorch weights, its parity with PyTorch,
+the graph's own accuracy, and the model card.
 
 The graph takes N x 1 x crop x crop floats in [0, 1] (a dynamic batch) and returns the seven
 class probabilities, softmax(network / temperature), with the temperature evaluate fitted
 on validation inside it: an ensemble's network already outputs the log of its members' mean
-softmax, so the graph averages them. The file, the card and the check of one against the
-other are what release/ holds and what release.load_onnx refuses on a mismatch.
+softmax, so the graph averages them. The weights file is what Grad-CAM needs (gradients,
+which onnxruntime does not give): the state_dict and the config that rebuilds the network,
+loadable with torch.load(weights_only=True). The files, the card and the check of each
+against the card are what release/ holds and what release.load_onnx / release.load_weights
+refuse on a mismatch.
 """
 import copy
 import hashlib
@@ -62,13 +66,31 @@ def to_onnx(model, crop, temperature, settings):
     if settings["precision"] == "fp16":
         half_weights(proto)
     onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
+    return within_release(proto.SerializeToString(), "the ONNX graph", settings)
+
+
+def within_release(data, what, settings):
+    """`data`, refused when over MAX_BYTES, naming the setting that shrinks it."""
     if len(data) > MAX_BYTES:
         hint = "set export.precision: fp16" if settings["precision"] == "fp32" else \
             "release a smaller network (cnn:) or fewer ensemble.members"
-        raise FerPipeError(f"the ONNX graph is {len(data) / 2**20:.1f} MB, over the "
+        raise FerPipeError(f"{what} is {len(data) / 2**20:.1f} MB, over the "
                            f"{MAX_BYTES / 2**20:.0f} MB that release/ may hold; {hint}")
     return data
+
+
+def weights(model, ckpt, settings):
+    """The serialized PyTorch weights of `model` for release/: a checkpoint as train_cnn
+    saves one (kind, config, input_size, members, state_dict; networks.load rebuilds it) without
+    the training record, the float tensors in the stored precision of the graph (fp16 halves
+    the file; loading casts them back into the fp32 network)."""
+    dtype = torch.float16 if settings["precision"] == "fp16" else torch.float32
+    release = networks.checkpoint(model, ckpt["kind"], ckpt["config"], ckpt["input_size"], {})
+    release["state_dict"] = {k: v.to(dtype) if v.is_floating_point() else v
+                             for k, v in release["state_dict"].items()}
+    buf = io.BytesIO()
+    torch.save(release, buf)
+    return within_release(buf.getvalue(), "the PyTorch weights", settings)
 
 
 def half_weights(proto):
@@ -106,6 +128,31 @@ def parity(model, graph, images, crop, temperature, batch_size=512):
             "max_abs_diff": float(np.abs(ref - got).max())}
 
 
+def release_accuracy(graph, splits, crop, tta, batch_size=512):
+    """The graph's own scores on each labelled split, through onnxruntime (fp32 compute) with
+    the views classify averages by default (`tta`, the card's), and the centre crop alone:
+    what `ferpipe classify --no-detect` gives on these 48x48 faces."""
+    from sklearn.metrics import f1_score
+
+    from ferpipe.use.release import OnnxModel
+
+    runner, out = OnnxModel(graph), {}
+    for name in ("val", "test", "private"):
+        y = splits.get(f"{name}_y")
+        if y is None or len(y) == 0:
+            continue
+        x = splits[f"{name}_x"]
+        pred = infer.predict_proba(runner, x, crop, tta, batch_size).argmax(1)
+        single = pred if tta == "none" else \
+            infer.predict_proba(runner, x, crop, "none", batch_size).argmax(1)
+        out[name] = {"accuracy": float((pred == y).mean()),
+                     "single_crop_accuracy": float((single == y).mean()),
+                     "macro_f1": float(f1_score(y, pred, labels=list(range(len(EMOTIONS))),
+                                                average="macro", zero_division=0)),
+                     "faces": int(len(y))}
+    return out
+
+
 def check_parity(measured, precision):
     """An fp32 graph that disagrees with torch past FP32_PARITY is an export bug: refused."""
     if precision != "fp32":
@@ -129,14 +176,24 @@ def git_commit():
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def card(graph, file_name, model, ckpt, calibration, measured, settings, trained_on):
-    """The model card: what the graph expects, returns and scored, and the sha256 that
-    loading checks it against."""
+def card(graph, file_name, weights_data, weights_name, model, ckpt, calibration, measured,
+         accuracy, settings, trained_on):
+    """The model card: what the graph expects, returns and scored (`accuracy`, from
+    release_accuracy; evaluate's PyTorch figures beside it), and the sha256 of the graph and
+    of the PyTorch weights that loading checks them against."""
     crop = ckpt["input_size"]
+    tta = calibration["tta"]
     return {
         "file": file_name,
         "sha256": hashlib.sha256(graph).hexdigest(),
         "bytes": len(graph),
+        "weights": {"file": weights_name, "sha256": hashlib.sha256(weights_data).hexdigest(),
+                    "bytes": len(weights_data),
+                    "holds": "the PyTorch network for Grad-CAM (classify --explain) and "
+                             "--backend torch: a dict of kind, config, input_size, members and "
+                             "state_dict; load with torch.load(weights_only=True), rebuild with "
+                             "ferpipe.model.networks.load. Its outputs are logits: divide by the "
+                             "temperature before the softmax"},
         "classes": list(EMOTIONS),
         "input": {"name": INPUT, "shape": ["N", 1, crop, crop], "dtype": "float32",
                   "range": [0.0, 1.0], "meaning": "gray face, pixels / 255"},
@@ -164,7 +221,15 @@ def card(graph, file_name, model, ckpt, calibration, measured, settings, trained
         "architecture": ckpt["config"],
         "members": ckpt.get("members", 1),
         "params": networks.count_params(model),
-        "accuracy": calibration["accuracy"],
+        "accuracy": accuracy,
+        "accuracy_scored_as": f"the release: {file_name} through onnxruntime (CPU, fp32), the "
+                              f"probabilities of the {tta} views averaged after the graph's "
+                              "temperature, as `ferpipe classify --no-detect` gives them on "
+                              "these 48x48 faces; single_crop_accuracy: the centre crop alone",
+        "pytorch_accuracy": calibration["accuracy"],
+        "pytorch_accuracy_scored_as": "evaluate: the checkpoint in PyTorch at the precision of "
+                                      f"evaluate's machine (bf16 where native), the {tta} "
+                                      "views' probabilities averaged before any temperature",
         "calibration": {"fitted_on": calibration["fitted_on"], **calibration["ece"]},
         "trained_on": trained_on,
         "parity": measured,

@@ -1,6 +1,7 @@
 """The model a user's run loads: the pipeline's own models/cnn.pt with the temperature
-evaluate fitted on it, or the committed release (release/fer_cnn.onnx and its model card),
-whose sha256 is checked against the card before anything runs."""
+evaluate fitted on it, or the committed release (release/fer_cnn.onnx, the PyTorch weights
+release/fer_cnn.pt that Grad-CAM needs, and their model card), each file's sha256 checked
+against the card before anything runs."""
 import hashlib
 import json
 from pathlib import Path
@@ -63,7 +64,12 @@ def load_onnx(path, threads=0):
     card = _read_json(card_file, f"{path} is not loaded without the model card that records "
                                  "its classes, crop and sha256")
     graph = path.read_bytes()
-    got, want = hashlib.sha256(graph).hexdigest(), card.get("sha256")  # of the bytes run
+    _check(path, hashlib.sha256(graph).hexdigest(), card.get("sha256"), card, card_file)
+    return OnnxModel(graph, threads), card
+
+
+def _check(path, got, want, card, card_file):
+    """Refuse a release file whose sha256 is not the card's, or a card of other classes."""
     if got != want:
         raise FerPipeError(f"{path}: sha256 {got} does not match the {want} that {card_file} "
                            "records: the file is damaged or is not the model the card describes; "
@@ -72,7 +78,26 @@ def load_onnx(path, threads=0):
     if card.get("classes") != list(EMOTIONS):
         raise FerPipeError(f"{card_file}: classes {card.get('classes')} are not this "
                            f"pipeline's {list(EMOTIONS)}")
-    return OnnxModel(graph, threads), card
+
+
+def load_weights(path, device="cpu"):
+    """(network, checkpoint, card) for the release's PyTorch weights, after checking their
+    sha256 against the card's `weights` entry; loaded with torch.load(weights_only=True), so
+    a file that would run code is refused even when the card vouches for it."""
+    path = Path(path)
+    card_file = card_path(path)
+    if not path.is_file():
+        raise FerPipeError(f"{path}: not found; run `dvc repro export`, or restore the release "
+                           "(git checkout release/)")
+    card = _read_json(card_file, f"{path} is not loaded without the model card that records "
+                                 "its sha256 and temperature")
+    want = card.get("weights", {}).get("sha256")
+    if want is None:
+        raise FerPipeError(f"{card_file}: records no sha256 for {path.name} (a release exported "
+                           "before the PyTorch weights shipped); re-export it (dvc repro export)")
+    _check(path, sha256(path), want, card, card_file)
+    net, ckpt = networks.load(path, device)
+    return net, ckpt, card
 
 
 def read_calibration(path, model_path):
@@ -110,15 +135,19 @@ def _first_existing(relative):
 def locate(model=None, backend=None):
     """(path, backend) classify uses: --model if given (backend from its suffix unless
     named), else models/cnn.pt when the pipeline has built it (torch), else the release
-    graph (onnx); --backend alone picks that backend's default file."""
+    graph (onnx); --backend alone picks that backend's default file: for torch,
+    models/cnn.pt when built, else the release's PyTorch weights."""
     if model:
         return Path(model), backend or ("onnx" if Path(model).suffix == ".onnx" else "torch")
     built, released = _first_existing(paths.MODEL["cnn"]), _first_existing(paths.RELEASE_ONNX)
     if backend == "torch" or (backend is None and built):
-        if not built:
-            raise FerPipeError(f"{paths.MODEL['cnn']}: not found; train it (dvc repro train_cnn), "
-                               "or use the release model (--backend onnx)")
-        return built, "torch"
+        weights = built or _first_existing(paths.RELEASE_WEIGHTS)
+        if not weights:
+            raise FerPipeError(f"no torch model: neither {paths.MODEL['cnn']} nor "
+                               f"{paths.RELEASE_WEIGHTS} is here; train it (dvc repro train_cnn), "
+                               "restore release/ (git checkout release/), or use the release "
+                               "graph (--backend onnx)")
+        return weights, "torch"
     if not released:
         raise FerPipeError(f"no model: neither {paths.MODEL['cnn']} nor {paths.RELEASE_ONNX} is "
                            "here; run dvc repro, or restore release/ (git checkout release/)")
@@ -140,6 +169,11 @@ def load_classifier(model=None, backend=None, threads=0, precision="auto", batch
                           f"temperature {card['temperature']:.3f} in the graph{scored})", rt)
     device = runtime.pick_device("auto")
     rt.update(device=device, precision=runtime.resolve_precision(precision, device))
+    if card_path(path).is_file():  # a release's weights: checked against its card
+        net, ckpt, card = load_weights(path, device)
+        return Classifier(net, ckpt["input_size"], card["temperature"], card.get("tta", "none"),
+                          f"{path} (torch {rt['precision']}, sha256 checked, temperature "
+                          f"{card['temperature']:.3f} from {card_path(path)})", rt)
     net, ckpt = networks.load(path, device)
     cal_path = Path(path).with_name(Path(paths.CALIBRATION).name)
     try:
