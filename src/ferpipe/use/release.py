@@ -15,7 +15,7 @@ from ferpipe.errors import FerPipeError
 from ferpipe.files import sha256
 from ferpipe.model import infer, networks
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout an editable install points at
+ROOT = Path(__file__).resolve().parents[3]  # the checkout an editable install points at
 
 
 def card_path(graph_path):
