@@ -99,7 +99,7 @@ def tiny_pipeline(tmp_path_factory):
 
     ws = demo.create(tmp_path_factory.mktemp("tiny") / "repo", TINY_PIPELINE,
                      train_per_class=30, test_per_class=10, seed=0)
-    proc = demo.dvc(ws, "repro", check=False, capture=True)
+    proc = demo.reproduce(ws, check=False, capture=True)  # as `make demo` runs it
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return ws, proc.stdout + proc.stderr
 

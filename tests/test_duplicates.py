@@ -297,6 +297,38 @@ def test_prepare_stage_without_duplicates_says_so_in_the_figure(workspace):
     assert (workspace.path / "plots/duplicates.png").stat().st_size > 1000
 
 
+def test_the_report_holds_no_timing(monkeypatch):
+    """data.json is a DVC output: the same faces must give the same report however long the
+    search took (here a clock that runs faster at each reading)."""
+    import itertools
+    import time
+
+    ticks = itertools.accumulate(itertools.count(1))  # 1, 3, 6, 10, ...: each gap longer
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))
+    reports = [duplicates.study(crafted(), 2, "report")[2] for _ in range(2)]
+    assert reports[0] == reports[1]
+    assert not [k for k in reports[0] if "second" in k or "time" in k], reports[0]
+
+
+def test_prepare_and_split_twice_on_the_same_data_write_the_same_bytes(workspace):
+    """Re-running prepare (a changed script, `dvc repro -f`) on unchanged data must leave
+    every output of prepare and split as it was, or dvc.lock and git see a change."""
+    import yaml
+
+    synthetic.write_dataset(workspace.path / "data/raw", "fer2013_csv", 3, 1, seed=0)
+    plant_copies(workspace.path / "data/raw")
+    workspace.set_params(prepare={"near_duplicates": 4})
+    stages = yaml.safe_load((workspace.path / "dvc.yaml").read_text())["stages"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o
+            for name in ("prepare", "split") for o in stages[name]["outs"]]
+    written = []
+    for _ in range(2):
+        workspace.run("prepare")
+        workspace.run("split")
+        written.append({o: (workspace.path / o).read_bytes() for o in outs})
+    assert len(outs) == 6 and written[0] == written[1]
+
+
 def test_evaluate_scores_the_faces_training_never_saw_apart():
     from ferpipe.evaluation import scores
 

@@ -214,6 +214,36 @@ def test_image_layout_in_a_tar_reads_as_the_zip(tmp_path, suffix):
         np.testing.assert_array_equal(from_tar[key], from_zip[key])
 
 
+# ---------------------------------------------------------------- one gzip-compressed CSV
+
+@pytest.mark.parametrize("form,name", [("fer2013_csv", "fer2013.csv"),
+                                       ("icml_csv", "icml_face_data.csv"),
+                                       ("kaggle_csv", "train.csv")])
+def test_a_gzipped_csv_reads_as_the_plain_file(tmp_path, form, name):
+    import gzip
+
+    blob = FORMS[form]()[name]
+    write_tree(tmp_path / "plain", {name: blob})
+    write_tree(tmp_path / "raw", {f"{name}.gz": gzip.compress(blob), ".DS_Store": b"junk"})
+    expected, expected_report = forms.read_raw(tmp_path / "plain")
+    for raw in (tmp_path / "raw", tmp_path / "raw" / f"{name}.gz"):
+        arrays, report = forms.read_raw(raw)
+        for key in ("images", "labels", "usage", "ids"):
+            np.testing.assert_array_equal(arrays[key], expected[key])
+        assert (report["form"], report["counts"]) == (expected_report["form"],
+                                                      expected_report["counts"])
+        assert report["files"] == [f"{tmp_path}/raw/{name}.gz"]
+
+
+def test_a_gzipped_csv_names_itself_in_row_errors(tmp_path):
+    import gzip
+
+    blob = fer2013_csv().replace(b"\n3,", b"\n9,", 1)
+    (tmp_path / "fer2013.csv.gz").write_bytes(gzip.compress(blob))
+    with pytest.raises(FerPipeError, match=rf"{tmp_path}/fer2013.csv.gz: line \d+: label '9'"):
+        forms.read_raw(tmp_path)
+
+
 # ---------------------------------------------------------------- other systems' junk
 
 JUNK = {
@@ -349,7 +379,7 @@ def test_unrecognised_form_lists_what_was_found_and_the_accepted_forms(tmp_path)
     assert "1 junk file(s)" in msg
     assert msg.endswith(forms.ACCEPTED_FORMS) and "Accepted forms:" in msg
     for form in ("fer2013.csv", "icml_face_data.csv", "emotion,pixels", "label,feature",
-                 "train/<emotion>/", ".png", ".tar.gz", ".tgz", ".zip"):
+                 "train/<emotion>/", ".png", ".tar.gz", ".tgz", ".zip", "fer2013.csv.gz"):
         assert form in forms.ACCEPTED_FORMS
 
 

@@ -71,3 +71,37 @@ def test_only_the_main_process_logs(tmp_path, monkeypatch):
     steps = live.Steps(tmp_path / "rank1", NAMES).start()
     steps.log(rows(1)[0])
     assert not (tmp_path / "rank1").exists()
+
+
+# ---------------------------------------------------------------- ferpipe compare's table
+
+# `dvc exp show --csv` with live.COMPARE's options, as the tiny pipeline printed it after
+# `dvc exp run -S train.epochs=3` (the param is DVC's last column).
+EXP_SHOW_CSV = """\
+Experiment,rev,typ,cnn.val,cnn.test,cnn.unseen,cnn.f1,cnn.epoch_s,dnn.epoch_s,train.epochs
+,workspace,baseline,0.19047619047619047,0.11428571428571428,0.11428571428571428,0.03131115459882583,0.10339965833334948,0.02466154633335312,3
+,master,baseline,0.14285714285714285,0.12857142857142856,0.12857142857142856,0.03339517625231911,0.049967346500011445,0.016360601499997074,2
+picky-zoea,c346127,branch_base,0.19047619047619047,0.11428571428571428,0.11428571428571428,0.03131115459882583,0.10339965833334948,0.02466154633335312,3
+"""
+
+
+@pytest.mark.parametrize("width", [60, 80, 160])
+def test_compare_puts_the_changed_param_first_and_fits_the_terminal(width):
+    from ferpipe import cli
+
+    from conftest import ROOT
+
+    params = cli.param_names(ROOT / "params.yaml")
+    assert {"train.epochs", "cnn.widths", "self_train.threshold"} <= params
+    assert not {"train", "cnn"} & params
+    lines = cli.table(EXP_SHOW_CSV, params, width)
+    assert max(len(line) for line in lines) <= width, "\n".join(lines)
+    assert lines[0].split()[:3] == ["Experiment", "train.epochs", "cnn.val"]
+    assert [line.split()[:3] for line in lines[2:5]] == [
+        ["workspace", "3", "0.19048"], ["master", "2", "0.14286"], ["└──", "picky-zoea", "3"]]
+    shown = lines[0].split()[1:]
+    left_out = [c for c in ("cnn.test", "cnn.unseen", "cnn.f1", "cnn.epoch_s", "dnn.epoch_s")
+                if c not in shown]
+    note = " ".join(lines[5:])
+    assert bool(left_out) == (width < 100)
+    assert all(c in note for c in left_out), note

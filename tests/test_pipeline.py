@@ -124,6 +124,24 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
                         "dvclive/self_train/metrics.json"}, declared
 
 
+def test_the_demo_does_what_its_last_lines_say(repo, tmp_path):
+    """The run ends without DVC's `git add` hint (the demo commits right after), `dvc plots
+    show` finds every file dvc.yaml names (self-training added nothing here), and `make
+    report` works in the demo as in the project (README's commands)."""
+    import shutil
+
+    ws, out = repo
+    assert "To track the changes with git" not in out and "autostage" not in out, out
+    local = ws / ".dvc/config.local"  # autostage was for the demo's own run only
+    assert "autostage" not in (local.read_text() if local.exists() else ""), local.read_text()
+    proc = demo.dvc(ws, "plots", "show", "-o", str(tmp_path / "plots"), capture=True)
+    assert "failed to load" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    if shutil.which("make"):
+        proc = subprocess.run(["make", "report"], cwd=ws, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "<section id=\"key\">" in (ws / "report.html").read_text()
+
+
 def test_classify_uses_the_release_in_a_clone(repo, tmp_path):
     """Without models/cnn.pt (a fresh clone), classify runs the committed release, and
     --explain its PyTorch weights."""
@@ -226,10 +244,11 @@ def test_a_stage_imports_the_library_beside_it(repo):
     assert "the workspace copy of ferpipe" in proc.stdout
 
 
-def test_the_first_experiment_compares_in_160_columns(repo):
+def test_the_first_experiment_compares_in_80_and_160_columns(repo):
     """Last in this file: it commits the run and leaves the experiment applied. The baseline
     is committed (as `make demo` does), `dvc metrics diff` compares with it, and `ferpipe
-    compare` shows the experiment next to it within a 160-column terminal."""
+    compare` shows the experiment next to it: the table alone, within the terminal, the
+    changed param first (in 80 columns too) and in 160 columns every compared metric."""
     ws, _ = repo
     demo.commit_baseline(ws)
     proc = demo.dvc(ws, "exp", "run", "-S", "train.epochs=3", capture=True)
@@ -240,14 +259,17 @@ def test_the_first_experiment_compares_in_160_columns(repo):
                         "filters", "self_train"}
     diff = json.loads(demo.dvc(ws, "metrics", "diff", "--all", "--json", capture=True).stdout)
     assert diff["metrics/evaluate.json"]["cnn.val"]["old"] is not None
-    env = {**demo.env_for(ws), "COLUMNS": "160"}
-    proc = subprocess.run([sys.executable, "-m", "ferpipe.cli", "compare"], cwd=ws, env=env,
-                          capture_output=True, text=True, check=True)
-    table = proc.stdout.splitlines()[1:]  # after the command it runs
-    assert max(len(line) for line in table) <= 160, proc.stdout
-    assert "…" not in proc.stdout, proc.stdout  # no column squeezed
-    header = table[1]
-    # the changed param and the changed metrics of evaluate.json, none of the dropped ones
-    assert "Experiment" in header and "train.epochs" in header, proc.stdout
-    assert re.search(r"\b(cnn|dnn)\.(val|test|unseen|f1|epoch_s)\b", header), proc.stdout
-    assert not re.search(r"_loss|:step|Created|\.pt\b", header), proc.stdout
+    for width in (80, 160):
+        env = {**demo.env_for(ws), "COLUMNS": str(width)}
+        proc = subprocess.run([sys.executable, "-m", "ferpipe.cli", "compare"], cwd=ws, env=env,
+                              capture_output=True, text=True, check=True)
+        table = proc.stdout.splitlines()
+        assert max(len(line) for line in table) <= width, proc.stdout
+        assert "…" not in proc.stdout and "dvc exp show --only" not in proc.stdout, proc.stdout
+        header = table[0]
+        # the changed param first, then the changed metrics of evaluate.json, none of the
+        # dropped ones
+        assert header.split()[:2] == ["Experiment", "train.epochs"], proc.stdout
+        assert re.search(r"\b(cnn|dnn)\.(val|test|unseen|f1|epoch_s)\b", header), proc.stdout
+        assert not re.search(r"_loss|:step|Created|\.pt\b", header), proc.stdout
+    assert table[-1].startswith("└── "), proc.stdout  # 160: the experiment last, no note

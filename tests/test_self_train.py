@@ -179,6 +179,36 @@ def test_threshold_no_face_reaches_stops_with_the_baseline(monkeypatch, tiny):
     assert m["gain"] == 0.0 and m["self_trained"]["round"] == 0
 
 
+def test_every_step_file_dvc_yaml_plots_is_written_when_no_round_adds(monkeypatch, tiny,
+                                                                        tmp_path):
+    """No round adds a face, so no pseudo-label accuracy is ever logged; dvc.yaml still
+    plots its step file, which `dvc plots show` would then warn about on every call."""
+    import yaml
+
+    cfg, arch = tiny
+    monkeypatch.setattr(ferpipe.training.train, "fit", lambda model, *a, **k: (
+        model.state_dict(), [], {"best_epoch": 1, "best_val_accuracy": 0.3, "train_minutes": 0.0}))
+    x, y = synthetic.make_faces(4, seed=5)
+    res = selftrain.self_train(lambda: networks.FerCNN(arch, cfg["crop"]), (x[:7], y[:7]),
+                               (x[7:], y[7:]), (x[:7], y[:7]), (x[:7], y[:7]), cfg,
+                               {**ST, "threshold": 1.0}, tiny_runtime(),
+                               live_dir=str(tmp_path / "dvclive/self_train"))
+    assert [r["added"] for r in res["rounds"]] == [0, 0]
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    declared = [path for plot in plots if isinstance(plot, dict)
+                for spec in plot.values() for path in spec["y"]
+                if path.startswith("dvclive/self_train/")]
+    assert len(declared) == len(selftrain.live.ROUND_METRICS)
+    for path in declared:
+        assert (tmp_path / path).is_file(), path
+    pla = pd.read_csv(tmp_path / "dvclive/self_train/plots/metrics/self_train/"
+                      "pseudo_label_accuracy.tsv", sep="\t")
+    assert list(pla.columns) == ["step", "pseudo_label_accuracy"] and len(pla) == 0
+    val = pd.read_csv(tmp_path / "dvclive/self_train/plots/metrics/self_train/val_accuracy.tsv",
+                      sep="\t")
+    assert list(val["step"]) == [0, 1]  # the logged ones are DVCLive's own, untouched
+
+
 # ------------------------------------------------------------------ the round loop, for real
 
 def test_real_rounds_score_what_the_trainer_was_given(monkeypatch, tiny):

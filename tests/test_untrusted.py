@@ -388,6 +388,36 @@ def test_a_tar_is_bounded_as_it_decompresses(tmp_path):
         forms.read_raw(path, max_archive_bytes=100_000)
 
 
+def test_a_gzipped_csv_is_bounded_as_it_decompresses(tmp_path):
+    """A .csv.gz that unpacks far past the limit (gzip's size field could claim anything)."""
+    import gzip
+
+    path = tmp_path / "fer2013.csv.gz"
+    path.write_bytes(gzip.compress(b"emotion,pixels,Usage\n" + b" " * 3_000_000))
+    assert path.stat().st_size < 20_000
+    for raw in (path, tmp_path):
+        with pytest.raises(FerPipeError, match=rf"{path}: it decompresses to \d+ bytes or more "
+                           r"uncompressed, over the limit of 100000 \(prepare.max_archive_bytes\)"):
+            forms.read_raw(raw, max_archive_bytes=100_000)
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage", "crc"])
+def test_a_corrupt_gzipped_csv_is_refused_naming_the_file(tmp_path, damage):
+    import gzip
+
+    body = b"emotion,pixels,Usage\n" + b"".join(
+        b"3,%s,Training\n" % " ".join(str((i * 7 + j) % 256) for j in range(48 * 48)).encode()
+        for i in range(40))
+    blob = gzip.compress(body)
+    bad = {"cut": blob[:len(blob) * 3 // 4],  # past the 64 KiB head: the full read fails
+           "garbage": b"this is not gzip",
+           "crc": blob[:-8] + bytes(8)}[damage]  # intact data, a wrong checksum and size
+    (tmp_path / "fer2013.csv.gz").write_bytes(bad)
+    with pytest.raises(FerPipeError, match=rf"^{tmp_path}/fer2013.csv.gz: not a readable gzip "
+                                           r"file: \S"):
+        forms.read_raw(tmp_path)
+
+
 def test_default_limits_accept_fer2013_and_match_params():
     import yaml
 

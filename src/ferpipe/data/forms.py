@@ -7,10 +7,11 @@ Forms accepted (all give 48x48 uint8 faces and labels 0..6; see ACCEPTED_FORMS):
   * the course's `train.csv` (`label,feature`) with an optional `test.csv` (`id,feature`);
   * the Kaggle image layout, `train|test/<emotion>/<Usage>_<n>.jpg` (or .png, .bmp).
 Each may be a folder (the CSVs also one level down, as `fer2013.tar.gz` extracts), or one
-archive (.zip, .tar, .tar.gz, .tgz), given itself or alone in the raw folder. CSVs are told
-apart by their headers, except that fer2013.csv and icml_face_data.csv are always read as
-the first form, and a train.csv or test.csv whose header fits no form as the course's: a
-broken header then gets "missing column 'Usage'", not "no form I know".
+archive (.zip, .tar, .tar.gz, .tgz; one CSV also as .csv.gz), given itself or alone in the
+raw folder. CSVs are told apart by their headers, except that fer2013.csv and
+icml_face_data.csv are always read as the first form, and a train.csv or test.csv whose
+header fits no form as the course's: a broken header then gets "missing column 'Usage'",
+not "no form I know".
 Archives are read in memory under limits, junk that other systems add is skipped: see
 sources.py. Every problem is reported as (file, place, problem); with on_error="stop" any
 problem stops the stage, with on_error="skip" the row is dropped and listed.
@@ -39,7 +40,8 @@ ACCEPTED_FORMS = (
     "  - the course's train.csv (label,feature), optionally with test.csv (id,feature)\n"
     "  - the Kaggle image layout: train/<emotion>/*.jpg and test/<emotion>/*.jpg (or .png, .bmp)\n"
     "  each as a folder (the CSVs may sit one level down, as in fer2013/fer2013.csv) or as one\n"
-    "  archive: .zip, .tar, .tar.gz or .tgz (Kaggle's fer2013.tar.gz as it comes)")
+    "  archive: .zip, .tar, .tar.gz or .tgz (Kaggle's fer2013.tar.gz as it comes); one CSV\n"
+    "  also gzip-compressed (fer2013.csv.gz)")
 
 PREPARE_SCHEMA = {
     "raw": string(),

@@ -1,4 +1,5 @@
-"""Where the raw bytes come from: a folder, a zip or a tar archive, with the safety rules.
+"""Where the raw bytes come from: a folder, a zip or a tar archive, or one gzip-compressed
+CSV, with the safety rules.
 
 A source lists its entries (regular files, by their path inside it) and reads them into
 memory; nothing is ever extracted to disk. What data.py then makes of the entries, which
@@ -12,8 +13,8 @@ The rules, the same for every source:
     would let a planted link make prepare read (and report on) any file on the machine.
     The raw path the user names in params is trusted, link or not;
   * an archive may hold at most `max_entries` entries and unpack to at most `max_bytes`,
-    checked on what its headers claim before anything is read, and for tar again on the
-    bytes actually decompressed;
+    checked on what its headers claim before anything is read, and for tar and a .csv.gz
+    (whose header claims nothing reliable) on the bytes actually decompressed;
   * junk that other systems add to archives and folders (__MACOSX/, AppleDouble ._* files,
     .DS_Store, Thumbs.db, desktop.ini) is skipped and counted, never an error.
 Refusals are (file, place, problem) triples, like the row problems of data.py, so that
@@ -33,7 +34,7 @@ from pathlib import Path, PurePosixPath
 
 from ferpipe.errors import FerPipeError
 
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".csv.gz")
 JUNK_FILES = (".ds_store", "thumbs.db", "desktop.ini")
 HEAD_BYTES = 65536  # enough for any header line; CSVs are told apart by their headers
 
@@ -418,7 +419,61 @@ class TarSource(Source):
             yield e, blobs[e.ref], None
 
 
+# ---------------------------------------------------------------- one gzip-compressed CSV
+
+_GZIP_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
+
+
+class GzipSource(Source):
+    """fer2013.csv.gz: one entry, the CSV, named by the file without its .gz. Decompressed in
+    memory, never past max_bytes + 1: gzip's own size field is the size modulo 4 GiB, so
+    only the bytes that come out can be trusted."""
+
+    kind = "gzip"
+
+    def __init__(self, path, limits, shown=None):
+        super().__init__(shown or path)
+        self.path, self.limits = Path(path), limits
+        entry = Entry(self.shown.name[:-len(".gz")], None, None)
+        try:
+            entry.head = self._read(HEAD_BYTES)
+        except _GZIP_ERRORS as err:
+            raise FerPipeError(f"{self.shown}: not a readable gzip file: "
+                               f"{err or type(err).__name__}") from None
+        self.entries.append(entry)
+
+    def locate(self, entry):
+        return str(self.shown), None  # one file: rows are named by it, as a plain CSV's
+
+    def _read(self, n):
+        """Up to n decompressed bytes, in blocks: one read(n) would ask for n at once."""
+        parts, count = [], 0
+        with gzip.open(self.path, "rb") as f:
+            while count < n:
+                block = f.read(min(1 << 20, n - count))
+                if not block:
+                    break
+                parts.append(block)
+                count += len(block)
+                if count > self.limits.max_bytes:
+                    self._too_big(count, claimed=False)
+        return b"".join(parts)
+
+    def read_head(self, entry):
+        return entry.head
+
+    def read(self, entries):
+        for e in entries:
+            try:
+                yield e, self._read(self.limits.max_bytes + 1), None
+            except _GZIP_ERRORS as err:
+                yield e, None, f"not a readable gzip file: {err or type(err).__name__}"
+
+
 def open_archive(path, limits, shown=None):
-    if str(path).lower().endswith(".zip"):
+    name = str(path).lower()
+    if name.endswith(".zip"):
         return ZipSource(path, limits, shown)
+    if name.endswith(".csv.gz"):
+        return GzipSource(path, limits, shown)
     return TarSource(path, limits, shown)

@@ -31,6 +31,19 @@ DEMO_PARAMS = {
 # relative path against .dvc/; the project's .dvc/config holds the same value.
 PLOTS_TEMPLATE = "../vendor/vega/offline.html"
 
+# README's commands run in the demo too: `make report` there uses the demo's own src/ (as
+# its stages do) with the Python that made the demo, activated or not.
+MAKEFILE = """\
+# The demo's targets; the project's Makefile (one folder up) makes the environment.
+PYTHON := {python}
+
+.PHONY: report
+
+# One self-contained HTML page of the run: report.html (git-ignored).
+report:
+\tPYTHONPATH=src $(PYTHON) -m ferpipe.tools.report --out report.html
+"""
+
 
 def merge(dst, src):
     for k, v in src.items():
@@ -64,6 +77,7 @@ def create(dest, overrides, form="fer2013_csv", train_per_class=400, test_per_cl
     for name in ("stages", "src", "vendor"):
         shutil.copytree(ROOT / name, dest / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (dest / "Makefile").write_text(MAKEFILE.format(python=sys.executable))
     params = merge(yaml.safe_load((dest / "params.yaml").read_text()), overrides)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     synthetic.write_dataset(dest / "data" / "raw", form, train_per_class, test_per_class, seed)
@@ -92,6 +106,18 @@ def dvc(dest, *args, check=True, capture=False):
                           check=check, text=True, capture_output=capture)
 
 
+def reproduce(dest, check=True, capture=False):
+    """`dvc repro` in the demo. DVC ends a run with how to `git add` what it changed, right
+    before the demo commits it: core.autostage stages those files instead, without a word.
+    For this run only (.dvc/config.local, then unset): staged by a later `dvc exp run`,
+    README's `git checkout -- .` would no longer bring the baseline back."""
+    dvc(dest, "config", "--local", "core.autostage", "true")
+    try:
+        return dvc(dest, "repro", check=check, capture=capture)
+    finally:
+        dvc(dest, "config", "--local", "--unset", "core.autostage")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dest", default=str(ROOT / "demo"))
@@ -99,7 +125,7 @@ def main():
     t0 = time.time()
     dest = create(a.dest, DEMO_PARAMS)
     print(f"demo: synthetic faces written to {dest / 'data/raw'}; running dvc repro there", flush=True)
-    dvc(dest, "repro")
+    reproduce(dest)
     commit_baseline(dest)
     venv = Path(sys.executable).parent
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; the run is committed as the "
@@ -108,7 +134,7 @@ def main():
           f"  metrics: dvc metrics show\n"
           "  an experiment: dvc exp run -S train.epochs=4, then ferpipe compare (or dvc exp show)\n"
           "  plots:   dvc plots show, then open dvc_plots/index.html (works offline)\n"
-          "  report:  python -m ferpipe.tools.report, then open report.html\n"
+          "  report:  make report (or python -m ferpipe.tools.report), then open report.html\n"
           f"  predictions: {dest / 'predictions.csv'}\n"
           "  the stages import the demo's own src/ (PYTHONPATH=src in dvc.yaml): edit it there",
           flush=True)

@@ -12,11 +12,12 @@ round with the best validation accuracy. Test accuracy is reported, never used t
 """
 import hashlib
 import time
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
-from ferpipe import paths, runtime
+from ferpipe import files, paths, runtime
 from ferpipe.constants import EMOTIONS, NUM_CLASSES
 from ferpipe.errors import FerPipeError
 from ferpipe.model import infer
@@ -297,6 +298,8 @@ def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_pr
         print(f"[self_train] round {r}: val {_fmt(rounds[-1]['val_accuracy'])}, "
               f"test {_fmt(rounds[-1]['test_accuracy'])}", flush=True)
 
+    if steps and distributed.is_main():
+        _declare_unlogged(live_dir)
     pick = select_round(rounds)
     return {"training": training, "st": st, "runtime": runtime.record(rt), "rounds": rounds,
             "selected_round": pick, "state": states[pick], "baseline_state": states[0],
@@ -305,6 +308,18 @@ def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_pr
             "pseudo_index": chosen, "pseudo_labels": pseudo,
             "resume_files": rounds_of.resume_files,
             "minutes": (time.perf_counter() - t_start) / 60}
+
+
+def _declare_unlogged(live_dir):
+    """dvc.yaml plots every round metric from its DVCLive step file, but DVCLive writes the
+    file only when a value is logged: pseudo_label_accuracy when no round added a face,
+    test_accuracy without a labelled test set. Such a metric gets a file holding the header
+    alone, so `dvc plots show` finds every file it was told of (and draws no points)."""
+    for name in live.ROUND_METRICS.values():
+        path = Path(live_dir) / "plots" / "metrics" / f"{name}.tsv"  # DVCLive's layout
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            files.write_text(path, f"step\t{PurePosixPath(name).name}\n")
 
 
 def select_round(rounds):
