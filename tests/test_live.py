@@ -87,14 +87,14 @@ picky-zoea,c346127,branch_base,0.19047619047619047,0.11428571428571428,0.1142857
 
 @pytest.mark.parametrize("width", [60, 80, 160])
 def test_compare_puts_the_changed_param_first_and_fits_the_terminal(width):
-    from ferpipe import cli
+    from ferpipe.tools import compare
 
     from conftest import ROOT
 
-    params = cli.param_names(ROOT / "params.yaml")
+    params = compare.param_names(ROOT / "params.yaml")
     assert {"train.epochs", "cnn.widths", "self_train.threshold"} <= params
     assert not {"train", "cnn"} & params
-    lines = cli.table(EXP_SHOW_CSV, params, width)
+    lines = compare.table(EXP_SHOW_CSV, params, width)
     assert max(len(line) for line in lines) <= width, "\n".join(lines)
     assert lines[0].split()[:3] == ["Experiment", "train.epochs", "cnn.val"]
     assert [line.split()[:3] for line in lines[2:5]] == [
@@ -105,3 +105,27 @@ def test_compare_puts_the_changed_param_first_and_fits_the_terminal(width):
     note = " ".join(lines[5:])
     assert bool(left_out) == (width < 100)
     assert all(c in note for c in left_out), note
+
+
+def test_ferpipe_help_names_each_subcommand_on_stdout(capsys):
+    """`ferpipe --help` prints to stdout, one line per subcommand; compare --help says what it
+    does before anything reaches dvc; an unknown subcommand fails on stderr."""
+    import pytest
+
+    from ferpipe import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    out, err = capsys.readouterr()
+    assert done.value.code == 0 and err == ""
+    for name in ("classify", "compare"):
+        line = next(x for x in out.splitlines() if x.strip().startswith(name))
+        assert len(line.split(name, 1)[1].strip()) > 20, line  # a description, not a bare name
+    with pytest.raises(SystemExit) as done:
+        cli.main(["compare", "--help"])
+    out, err = capsys.readouterr()
+    assert done.value.code == 0 and "side by side" in out and "dvc exp show" in out
+    with pytest.raises(SystemExit) as done:
+        cli.main(["frobnicate"])
+    out, err = capsys.readouterr()
+    assert done.value.code == 2 and out == "" and "unknown subcommand 'frobnicate'" in err
