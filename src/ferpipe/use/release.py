@@ -57,15 +57,21 @@ def load_onnx(path, threads=0):
     """(OnnxModel, card) for an exported graph, after checking its sha256 against the one
     its model card records: a damaged or swapped file is refused, not run."""
     path = Path(path)
+    card_file, card = _file_and_card(path, "its classes, crop and sha256")
+    graph = path.read_bytes()
+    _check(path, hashlib.sha256(graph).hexdigest(), card.get("sha256"), card, card_file)
+    return OnnxModel(graph, threads), card
+
+
+def _file_and_card(path, records):
+    """(card file, card) of a release file that is there, or a FerPipeError saying how to get
+    it back; `records` says what the card holds that loading needs."""
     card_file = card_path(path)
     if not path.is_file():
         raise FerPipeError(f"{path}: not found; run `dvc repro export`, or restore the release "
                            "(git checkout release/)")
-    card = _read_json(card_file, f"{path} is not loaded without the model card that records "
-                                 "its classes, crop and sha256")
-    graph = path.read_bytes()
-    _check(path, hashlib.sha256(graph).hexdigest(), card.get("sha256"), card, card_file)
-    return OnnxModel(graph, threads), card
+    return card_file, _read_json(card_file, f"{path} is not loaded without the model card that "
+                                            f"records {records}")
 
 
 def _check(path, got, want, card, card_file):
@@ -85,12 +91,7 @@ def load_weights(path, device="cpu"):
     sha256 against the card's `weights` entry; loaded with torch.load(weights_only=True), so
     a file that would run code is refused even when the card vouches for it."""
     path = Path(path)
-    card_file = card_path(path)
-    if not path.is_file():
-        raise FerPipeError(f"{path}: not found; run `dvc repro export`, or restore the release "
-                           "(git checkout release/)")
-    card = _read_json(card_file, f"{path} is not loaded without the model card that records "
-                                 "its sha256 and temperature")
+    card_file, card = _file_and_card(path, "its sha256 and temperature")
     want = card.get("weights", {}).get("sha256")
     if want is None:
         raise FerPipeError(f"{card_file}: records no sha256 for {path.name} (a release exported "
