@@ -1,5 +1,5 @@
-"""The pipeline on DVC's own engines, in a temporary git + DVC repository holding the first
-three stages on a tiny synthetic set: `dvc repro` trains data-parallel when
+"""The pipeline on DVC's own engines, in a temporary git + DVC repository holding the params
+check and the first three stages on a tiny synthetic set: `dvc repro` trains data-parallel when
 runtime.processes is 2, and the number of processes changes no stage's hash; a grid sweep
 through the experiment queue; `dvc push` to a local-folder remote and `dvc pull` in a fresh
 clone, which then has nothing to re-run; `dvc exp push` / `dvc exp pull` of one experiment
@@ -13,13 +13,14 @@ import yaml
 
 from ferpipe.tools import demo
 
-from conftest import TINY_CNN, TINY_RUNTIME, TINY_TRAIN
+from conftest import TINY_CNN, TINY_PIPELINE, TINY_RUNTIME, TINY_TRAIN
 
 pytestmark = pytest.mark.slow  # trains through dvc repro and the experiment queue
 
-STAGES = ("prepare", "split", "train_cnn")
+STAGES = ("check_params", "prepare", "split", "train_cnn")
+# check_params checks every section against the 2-block CNN, filters.layers included
 TINY = {"train": TINY_TRAIN, "runtime": {**TINY_RUNTIME, "threads": 1, "processes": 2},
-        "cnn": TINY_CNN}
+        "cnn": TINY_CNN, "filters": {"layers": TINY_PIPELINE["filters"]["layers"]}}
 SWEEP = (1, 3)  # train.epochs of the two queued experiments (the base has 2)
 
 

@@ -36,8 +36,8 @@ def repo(tiny_pipeline, tmp_path_factory):
 
 def test_every_stage_runs_and_writes_its_outputs(repo):
     ws, out = repo
-    assert ran(out) == {"prepare", "split", "train_cnn", "train_dnn", "evaluate", "export",
-                        "predict", "saliency", "filters", "self_train"}
+    assert ran(out) == {"check_params", "prepare", "split", "train_cnn", "train_dnn", "evaluate",
+                        "export", "predict", "saliency", "filters", "self_train"}
     # evaluate and predict say how far they are (a last line at least), like training
     assert re.search(r"\[evaluate\] cnn val, tta flip: 21/21 faces, .*done in", out)
     assert re.search(r"\[predict\] test, tta flip: 70/70 faces", out)
@@ -204,7 +204,7 @@ def test_dnn_param_change_reruns_only_train_dnn_and_dependants(repo):
     assert "train_dnn" in again
     assert not again & {"prepare", "split", "train_cnn", "predict", "self_train"}
     # evaluate re-runs, but the CNN's calibration is unchanged, so export does not
-    assert again <= {"train_dnn", "evaluate", "saliency", "filters"}
+    assert again <= {"check_params", "train_dnn", "evaluate", "saliency", "filters"}
 
 
 def test_ensemble_change_reruns_the_cnn_side_only_and_flows_through(repo):
@@ -215,7 +215,8 @@ def test_ensemble_change_reruns_the_cnn_side_only_and_flows_through(repo):
     params["ensemble"]["members"] = 2
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = repro(ws)
-    assert ran(out) == {"train_cnn", "evaluate", "export", "predict", "saliency", "filters"}
+    assert ran(out) == {"check_params", "train_cnn", "evaluate", "export", "predict", "saliency",
+                        "filters"}
     assert "[cnn 2/2] epoch 2/2" in out
     ev = json.loads((ws / "metrics/detail/evaluate.json").read_text())
     assert ev["cnn"]["members"] == 2 and "members" not in ev["dnn"]
@@ -254,9 +255,9 @@ def test_the_first_experiment_compares_in_80_and_160_columns(repo):
     proc = demo.dvc(ws, "exp", "run", "-S", "train.epochs=3", capture=True)
     out = proc.stdout + proc.stderr
     assert re.search(r"\[cnn( 1/2)?\] epoch 3/3 train loss", out), out  # (the ensemble test's 2)
-    # README: train.epochs "re-runs training and what follows it"
-    assert ran(out) == {"train_cnn", "train_dnn", "evaluate", "export", "predict", "saliency",
-                        "filters", "self_train"}
+    # README: train.epochs "re-runs training and what follows it" (after the params check)
+    assert ran(out) == {"check_params", "train_cnn", "train_dnn", "evaluate", "export", "predict",
+                        "saliency", "filters", "self_train"}
     diff = json.loads(demo.dvc(ws, "metrics", "diff", "--all", "--json", capture=True).stdout)
     assert diff["metrics/evaluate.json"]["cnn.val"]["old"] is not None
     for width in (80, 160):

@@ -15,6 +15,9 @@ from conftest import ROOT
 
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 LIBRARY = ROOT / "src" / "ferpipe"
+# check_params' record: every other stage depends on it so that the check runs first; no
+# script reads it.
+CHECKED = "metrics/detail/params_check.json"
 
 
 def module_file(dotted):
@@ -127,6 +130,9 @@ def test_data_deps_and_outs_are_the_paths_the_script_names(stage):
     module = stage_module(stage)
     inputs = named_paths(module, "IN_")
     have = {d for d in declared(stage, "deps") if not d.endswith(".py") and not d.startswith("${")}
+    if stage != "check_params":
+        assert CHECKED in have, f"stage {stage}: deps lack {CHECKED}, so it may run before the check"
+        have.discard(CHECKED)
     assert inputs == have, describe(f"stage {stage}: data deps (IN_ constants)",
                                     inputs - have, have - inputs)
     outputs = named_paths(module, "OUT_")
@@ -150,6 +156,16 @@ def test_every_stage_input_is_made_by_an_earlier_stage():
                  if not d.endswith(".py") and not d.startswith("${")}
         assert needs <= made, f"stage {stage} reads {sorted(needs - made)}, which no earlier stage writes"
         made |= declared(stage, "outs") | declared(stage, "metrics") | declared(stage, "plots")
+
+
+def test_check_params_runs_first_and_declares_every_section():
+    """check_params checks what any stage reads, and a failed check leaves its record."""
+    assert list(PIPELINE)[0] == "check_params"
+    sections = set(yaml.safe_load((ROOT / "params.yaml").read_text())) - {"runtime"}
+    read = set().union(*(PIPELINE[s].get("params", []) for s in PIPELINE if s != "check_params"))
+    assert set(PIPELINE["check_params"]["params"]) == sections == read
+    [out] = PIPELINE["check_params"]["outs"]
+    assert out == {CHECKED: {"cache": False, "persist": True}}
 
 
 def test_the_checker_sees_a_missing_import():

@@ -11,6 +11,10 @@ DETAIL = "metrics/detail"
 KINDS = ("cnn", "dnn")        # the two networks the study compares
 EVAL_SPLITS = ("val", "test", "private")
 
+# check_params' record that params.yaml passed: its bytes never change, so every stage can
+# depend on it (and so run after the check) without re-running when another section changes.
+PARAMS_CHECKED = f"{DETAIL}/params_check.json"
+
 PREPARED = "data/prepared/faces.npz"
 DATA_METRICS = f"{DETAIL}/data.json"
 CLASS_DISTRIBUTION = "plots/class_distribution.png"

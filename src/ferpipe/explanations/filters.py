@@ -136,7 +136,7 @@ def structure(tiles):
     return tiles.std((-2, -1)), edge
 
 
-def _check_steps(ascent):
+def check_steps(ascent):
     steps = ascent["face_steps"]
     if list(steps) != sorted(set(steps)):
         raise FerPipeError(f"{PARAMS_FILE}: filters.face_steps: must be distinct steps in "
@@ -145,7 +145,7 @@ def _check_steps(ascent):
 
 def filters_study(cnn, crop, dnn, images, labels, ascent):
     """Everything the filters stage draws and reports, as numpy arrays."""
-    _check_steps(ascent)
+    check_steps(ascent)
     device = device_of(cnn)
     layers = feature_layers(cnn, ascent["layers"],
                             [f"filters.layers[{i}]" for i in range(len(ascent["layers"]))], crop)

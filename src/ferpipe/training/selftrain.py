@@ -73,6 +73,17 @@ def cap_room(class_cap, labelled_counts, added_counts):
     return np.maximum(cap - np.asarray(added_counts, np.int64), 0)
 
 
+def threshold_note(label_smoothing, threshold):
+    """Label smoothing trains towards a top probability below 1; a threshold above it is
+    allowed but reached by few faces. The note to print then, else None."""
+    ceiling = 1 - label_smoothing * (NUM_CLASSES - 1) / NUM_CLASSES
+    if threshold > ceiling:
+        return (f"with train.label_smoothing {label_smoothing} the network is trained towards "
+                f"confidences of {ceiling:.3f}; few predictions will reach self_train.threshold "
+                f"{threshold}")
+    return None
+
+
 def select_pseudo_labels(probs, threshold, room=None):
     """Faces whose top probability is >= threshold, labelled with their predicted class.
 
@@ -233,11 +244,9 @@ def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_pr
     DVCLive folder every round is logged to (step = round; a resumed run replays its
     finished rounds from their checkpoints, so the log is started afresh)."""
     training = round_config(training, st)
-    ceiling = 1 - training["label_smoothing"] * (NUM_CLASSES - 1) / NUM_CLASSES
-    if st["threshold"] > ceiling:
-        print(f"[self_train] note: with train.label_smoothing {training['label_smoothing']} the "
-              f"network is trained towards confidences of {ceiling:.3f}; few predictions will "
-              f"reach self_train.threshold {st['threshold']}", flush=True)
+    note = threshold_note(training["label_smoothing"], st["threshold"])
+    if note:
+        print(f"[self_train] note: {note}", flush=True)
     labelled_x, labelled_y = labelled[0], np.asarray(labelled[1]).astype(np.int64)
     pool_x, hidden_y = pool[0], np.asarray(pool[1]).astype(np.int64)
     if len(pool_x) != len(hidden_y):
