@@ -16,6 +16,16 @@ COLOURMAP = "inferno"
 GAP = 8  # pixels between the picture and the strip of tiles that did not fit beside a face
 
 
+def font(size):
+    """The label font of annotated pictures and their tiles, at `size` pixels."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # a Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
 def gradcam_maps(model, crop, faces, targets):
     """(N, 48, 48) Grad-CAM maps in [0, 1] of uint8 faces (N, 48, 48) for classes `targets`,
     taken on the centre crop the model sees and placed where that crop lies (0 around it)."""
@@ -50,7 +60,6 @@ def tile(face, cam, side, label):
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
-    from ferpipe.use.classify import font
 
     f = font(max(11, round(side / 14)))
     caption = f"Grad-CAM for {label}"

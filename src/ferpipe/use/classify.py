@@ -26,6 +26,7 @@ import numpy as np
 
 from ferpipe.constants import EMOTIONS
 from ferpipe.errors import FerPipeError
+from ferpipe.explanations.face_gradcam import font
 from ferpipe.model import infer
 from ferpipe.use import faces
 
@@ -167,15 +168,6 @@ class Rows:
         self.f.flush()
         if self.path:
             self.f.close()
-
-
-def font(size):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # a Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
 
 
 def annotate(rgb, boxes, probs):
