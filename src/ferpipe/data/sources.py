@@ -2,7 +2,7 @@
 CSV, with the safety rules.
 
 A source lists its entries (regular files, by their path inside it) and reads them into
-memory; nothing is ever extracted to disk. What data.py then makes of the entries, which
+memory; nothing is ever extracted to disk. What forms.py then makes of the entries, which
 form they are and how they parse, is not decided here.
 
 The rules, the same for every source:
@@ -17,7 +17,7 @@ The rules, the same for every source:
     (whose header claims nothing reliable) on the bytes actually decompressed;
   * junk that other systems add to archives and folders (__MACOSX/, AppleDouble ._* files,
     .DS_Store, Thumbs.db, desktop.ini) is skipped and counted, never an error.
-Refusals are (file, place, problem) triples, like the row problems of data.py, so that
+Refusals are (file, place, problem) triples, like the row problems of forms.py, so that
 prepare.on_error decides whether they stop the stage.
 """
 import bz2

@@ -1,5 +1,5 @@
 """Training augmentation on whole batches of tensors (no per-image Python loops); the
-test-time views live in infer.py.
+test-time views live in model/infer.py.
 
 Rotation, zoom, shift, random crop and horizontal flip are folded into one affine map per
 image, so a batch costs a single `grid_sample`.
