@@ -26,7 +26,7 @@ def main():
     data = json.loads(Path(IN_DATA_METRICS).read_text())
     crop, temperature = ckpt["input_size"], calibration["temperature"]
     graph = export.to_onnx(model, crop, temperature, settings)
-    measured = export.parity(model, graph, splits["val_x"], crop, temperature, rt["batch_size"])
+    measured = export.parity(model, graph, splits["val_x"], crop, temperature, rt.batch_size)
     export.check_parity(measured, settings["precision"])
     trained_on = {"data": data["form"], "files": data["files"],
                   **{f"{name}_faces": int(len(splits[f"{name}_y"])) for name in ("train", "val", "test")}}

@@ -65,7 +65,7 @@ def test_setup_records_what_it_chose_and_on_what(cpu):
     cpu("AVX2")
     rt = runtime.setup({"device": "cpu", "threads": 1, "precision": "auto", "batch_size": 64,
                         "log_seconds": 60})
-    assert rt["precision"] == "fp32" and rt["device"] == CPU and torch.get_num_threads() == 1
-    rec = runtime.record(rt)
+    assert rt.precision == "fp32" and rt.device == CPU and torch.get_num_threads() == 1
+    rec = rt.record()
     assert rec == {"precision": "fp32", "precision_requested": "auto", "threads": 1,
                    "device": "cpu", "cpu_capability": "AVX2", "native_bf16": False}

@@ -1,4 +1,5 @@
 """The training loop's weight average (train.ema_decay), on synthetic faces."""
+import dataclasses
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 def setting():
     p = params.load({"cnn": networks.CNN_SCHEMA, "train": train.SCHEMA}, PARAMS)
     arch = networks.resolve_cnn_config({**p["cnn"], **TINY_CNN})
-    cfg = {**p["train"], **TINY_TRAIN, "epochs": 5, "batch_size": 16}
+    cfg = train.TrainConfig.from_params({**p["train"], **TINY_TRAIN, "epochs": 5, "batch_size": 16})
     train_x, train_y = synthetic.make_faces(24, seed=0)
     val_x, val_y = synthetic.make_faces(6, seed=1)
     return arch, cfg, (train_x, train_y, val_x, val_y)
@@ -28,10 +29,10 @@ def setting():
 
 def fit(setting, ema_decay):
     arch, cfg, data = setting
-    cfg = {**cfg, "ema_decay": ema_decay}
+    cfg = dataclasses.replace(cfg, ema_decay=ema_decay)
     rt = tiny_runtime()
-    torch.manual_seed(cfg["seed"])
-    model = networks.FerCNN(arch, cfg["crop"])
+    torch.manual_seed(cfg.seed)
+    model = networks.FerCNN(arch, cfg.crop)
     best, hist, record = train.fit(model, data[:2], data[2:], cfg, rt, "cnn")
     return model, best, hist, record, cfg, rt
 
@@ -53,7 +54,7 @@ def test_the_average_watches_without_changing_the_training(setting):
     kept = "ema" if row["val_accuracy_ema"] > row["val_accuracy"] else "live"
     assert record["best_weights"] == kept
     model.load_state_dict(best)
-    _, acc = train.score(model, setting[2][2], setting[2][3], cfg["crop"], rt)
+    _, acc = train.score(model, setting[2][2], setting[2][3], cfg.crop, rt)
     assert acc == record["best_val_accuracy"]
 
 
@@ -101,17 +102,18 @@ def fake_gpu(monkeypatch):
 def test_a_gpu_run_saves_and_restores_the_cuda_generator_on_the_cpu(setting, fake_gpu, tmp_path):
     gpu, cuda_state, calls = fake_gpu
     arch, cfg, _ = setting
-    model = networks.FerCNN(arch, cfg["crop"])
+    model = networks.FerCNN(arch, cfg.crop)
     opt = train.make_optimizer(model, cfg)
     sched = train.make_schedule(opt, cfg, 4)
     gen = torch.Generator().manual_seed(3)
     ckpt = train.Checkpoint(tmp_path / "run.resume.pt", "id")
-    ckpt.save(model, None, opt, sched, gen, {"epoch": 1})
+    learner = train.Learner(opt, sched, None, None)
+    ckpt.save(model, learner, gen, {"epoch": 1})
     assert torch.equal(torch.load(ckpt.path, weights_only=True)["cuda_rng"], cuda_state)
 
     torch.rand(5)  # move the CPU generator on, so restoring it is seen
     saved_cpu = torch.load(ckpt.path, weights_only=True)["torch_rng"]
-    assert ckpt.restore(model, None, opt, sched, torch.Generator(), print) == {"epoch": 1}
+    assert ckpt.restore(model, learner, torch.Generator(), print) == {"epoch": 1}
     # Loaded on the CPU (random states must stay CPU byte tensors), whatever the device.
     assert calls["map_location"] == ["cpu"]
     assert torch.equal(torch.get_rng_state(), saved_cpu)
@@ -129,8 +131,11 @@ def test_self_training_resumes_through_the_same_checkpoint(monkeypatch, tmp_path
         return model.state_dict(), [], {}
     monkeypatch.setattr(train, "fit", fake_fit)
     none = np.zeros(0, np.int64)
-    rounds = selftrain.Rounds(lambda: torch.nn.Linear(2, 2), {"seed": 0}, {"retrain": "scratch"},
-                              None, (none, none), None, none, str(tmp_path / "st"))
+    p = params.load({"train": train.SCHEMA, "self_train": selftrain.SCHEMA}, PARAMS)
+    faces = selftrain.Faces(labelled=(none, none), pool=None, val=(none, none), test=None)
+    rounds = selftrain.Rounds(lambda: torch.nn.Linear(2, 2), train.TrainConfig.from_params(p["train"]),
+                              selftrain.SelfTrainConfig.from_params(p["self_train"]), None, faces,
+                              str(tmp_path / "st"))
     rounds.fit(0, rounds.fresh(), np.zeros((2, 48, 48), np.uint8), np.zeros(2, np.int64), none, none)
     [checkpoint] = seen
     assert type(checkpoint) is train.Checkpoint  # so it too restores on the CPU, CUDA state included

@@ -17,7 +17,7 @@ import yaml
 
 from ferpipe.tools import synthetic
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 # Small enough for a few minutes on a 2-core CPU; everything else keeps its default.
 DEMO_PARAMS = {

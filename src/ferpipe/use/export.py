@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ferpipe import runtime
 from ferpipe.constants import EMOTIONS, IMAGE_SIZE
 from ferpipe.errors import FerPipeError
 from ferpipe.model import infer, networks
@@ -97,10 +98,9 @@ def parity(model, graph, images, crop, temperature, batch_size=512):
     uint8 faces: share of identical predicted labels and the largest probability gap."""
     from ferpipe.use.release import OnnxModel
 
-    cpu = torch.device("cpu")
-    ref = infer.predict_proba(model.cpu(), images, crop, "none", batch_size, "fp32", cpu,
-                              temperature)
-    got = infer.predict_proba(OnnxModel(graph), images, crop, "none", batch_size)
+    rt = runtime.reference(batch_size)
+    ref = infer.predict_proba(model.cpu(), images, crop, "none", rt, temperature)
+    got = infer.predict_proba(OnnxModel(graph), images, crop, "none", rt)
     return {"faces": int(len(images)), "compared_with": "torch fp32, centre crop",
             "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
             "max_abs_diff": float(np.abs(ref - got).max())}
