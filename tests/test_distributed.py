@@ -228,7 +228,8 @@ def fit(batch_norm, rt):
                                          "ema_decay": 0.9})
     data = synthetic.make_faces(12, seed=0), synthetic.make_faces(4, seed=1)
     torch.manual_seed(cfg.seed)
-    best, hist, _ = train.fit(networks.FerCNN(arch, cfg.crop), *data, cfg, rt, "cnn")
+    best, hist, _ = train.fit(networks.FerCNN(arch, cfg.crop), *data, cfg, rt,
+                              train.Tracking("cnn"))
     timing = {"seconds", "images_per_second"}
     return best, [{k: v for k, v in row.items() if k not in timing} for row in hist]
 

@@ -113,7 +113,7 @@ def test_hidden_labels_never_reach_the_trainer(monkeypatch, tiny):
     val_y = rng.integers(0, NUM_CLASSES, 14)
     fits, predicted_pools = [], []
 
-    def fake_fit(model, train, val, training, rt, name, checkpoint=None):
+    def fake_fit(model, train, val, training, rt, tracking):
         x, y = train
         fits.append((x.copy(), y.copy()))
         return ({k: v.clone() for k, v in model.state_dict().items()}, [],

@@ -29,7 +29,7 @@ def test_small_cnn_separates_the_classes_well_above_chance():
             "block_dropout": 0.0, "global_pool": "avg", "head": [32], "head_dropout": 0.0}
     model = networks.FerCNN(arch, cfg.crop)
     _, hist, record = train.fit(model, (x, y.astype(np.int8)), (vx, vy.astype(np.int8)), cfg,
-                                rt, "cnn")
+                                rt, train.Tracking("cnn"))
     assert record["best_val_accuracy"] > 0.6  # chance is 1/7
     assert torch.get_num_threads() == 1
 

@@ -6,8 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ferpipe import params
+from ferpipe.errors import FerPipeError
 from ferpipe.model import networks
 from ferpipe.tools import synthetic
 from ferpipe.training import train
@@ -33,7 +35,7 @@ def fit(setting, ema_decay):
     rt = tiny_runtime()
     torch.manual_seed(cfg.seed)
     model = networks.FerCNN(arch, cfg.crop)
-    best, hist, record = train.fit(model, data[:2], data[2:], cfg, rt, "cnn")
+    best, hist, record = train.fit(model, data[:2], data[2:], cfg, rt, train.Tracking("cnn"))
     return model, best, hist, record, cfg, rt
 
 
@@ -126,8 +128,8 @@ def test_self_training_resumes_through_the_same_checkpoint(monkeypatch, tmp_path
 
     seen = []
 
-    def fake_fit(model, train_set, val, training, rt, name, checkpoint=None):
-        seen.append(checkpoint)
+    def fake_fit(model, train_set, val, training, rt, tracking):
+        seen.append(tracking.checkpoint)
         return model.state_dict(), [], {}
     monkeypatch.setattr(train, "fit", fake_fit)
     none = np.zeros(0, np.int64)
@@ -151,3 +153,46 @@ def test_cuda_runs_ask_for_deterministic_kernels(monkeypatch):
     runtime.deterministic_cuda()
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+# ------------------------------------------------------------- the typed sections
+
+def _sections():
+    from ferpipe.evaluation import scores
+    from ferpipe.training import augment, selftrain
+
+    raw = yaml.safe_load(PARAMS.read_text())
+    return [(train.TrainConfig, train.SCHEMA, "train", raw["train"]),
+            (augment.AugmentConfig, augment.SCHEMA, None, raw["train"]["augment"]),
+            (selftrain.SelfTrainConfig, selftrain.SCHEMA, "self_train", raw["self_train"]),
+            (scores.EvaluateConfig, scores.SCHEMA, "evaluate", raw["evaluate"])]
+
+
+def test_each_setting_is_its_section_field_for_field():
+    for cls, schema, name, raw in _sections():
+        # Same names in the same order: asdict gives back the validated section's dict.
+        assert [f.name for f in dataclasses.fields(cls)] == list(schema), cls.__name__
+        if name:
+            cfg = cls.from_params(raw)
+            validated = params.section(schema)(raw, name)
+            assert dataclasses.asdict(cfg) == validated
+            assert list(dataclasses.asdict(cfg)) == list(validated)
+
+
+def test_a_typed_run_keeps_the_fingerprint_of_the_dict_so_old_checkpoints_resume():
+    raw = yaml.safe_load(PARAMS.read_text())["train"]
+    validated = params.section(train.SCHEMA)(raw, "train")
+    cfg = train.TrainConfig.from_params(raw)
+    assert train.fingerprint("cnn", cfg) == train.fingerprint("cnn", validated)
+    other = dataclasses.replace(cfg, seed=cfg.seed + 1)
+    assert train.fingerprint("cnn", other) != train.fingerprint("cnn", validated)
+
+
+def test_a_typed_section_is_validated_with_the_params_messages():
+    raw = yaml.safe_load(PARAMS.read_text())["train"]
+    with pytest.raises(FerPipeError, match=r"^params.yaml: train.lr: must be a number in "
+                                           r"\(0.0, inf\], got 0$"):
+        train.TrainConfig.from_params({**raw, "lr": 0})
+    with pytest.raises(FerPipeError, match=r"^params.yaml: train.augment.zoom: missing key$"):
+        train.TrainConfig.from_params({**raw, "augment": {
+            k: v for k, v in raw["augment"].items() if k != "zoom"}})

@@ -237,8 +237,8 @@ class Rounds:
             path = f"{self.resume_prefix}.round{r}.resume.pt"
             self.resume_files.append(path)
             checkpoint = train.Checkpoint(path, run_id)
-        best, _, record = train.fit(model, (x, y), self.val, self.training, self.rt, name,
-                                    checkpoint)
+        best, _, record = train.fit(model, (x, y), self.val, self.training, self.rt,
+                                    train.Tracking(name, checkpoint))
         model.load_state_dict(best)
         return best, record
 

@@ -403,12 +403,22 @@ class Checkpoint:
 
 # ---------------------------------------------------------------- the loop
 
-def fit(model, train, val, training, rt, name, checkpoint=None, steps=None):
+@dataclasses.dataclass(frozen=True)
+class Tracking:
+    """How one fit is followed: `name` heads its progress lines, `checkpoint` (a Checkpoint)
+    is saved after every epoch and resumed from, `steps` (a live.Steps) logs every epoch
+    through DVCLive."""
+    name: str
+    checkpoint: Checkpoint | None = None
+    steps: live.Steps | None = None
+
+
+def fit(model, train, val, training, rt, tracking):
     """Train `model` in place on `train` = (faces, labels), scoring on `val` every epoch.
     Returns (best-on-validation state dict, history rows, record). `training` is a
-    TrainConfig, `rt` the runtime.Runtime of this process, `checkpoint` a
-    `Checkpoint` to save to after every epoch and resume from, `steps` a `live.Steps` that
-    logs every epoch through DVCLive."""
+    TrainConfig, `rt` the runtime.Runtime of this process, `tracking` a Tracking."""
+    name, checkpoint, steps = tracking.name, tracking.checkpoint, tracking.steps
+
     def say(text):
         print(f"[{name}] {text}", flush=True)
 
@@ -554,10 +564,10 @@ def run(net, splits, training, rt, members=1, files=RunFiles()):
                              splits["train_x"][:, ::7, ::7])
         name = kind if members == 1 else f"{kind} {i + 1}/{members}"
         best, hist, record = fit(model, (splits["train_x"], splits["train_y"]),
-                                 (splits["val_x"], splits["val_y"]), member, rt, name,
-                                 Checkpoint(resume, run_id) if resume else None,
-                                 live.Steps(files.live, live.epoch_metrics(kind))
-                                 if files.live and i == 0 else None)
+                                 (splits["val_x"], splits["val_y"]), member, rt, Tracking(
+                                     name, Checkpoint(resume, run_id) if resume else None,
+                                     live.Steps(files.live, live.epoch_metrics(kind))
+                                     if files.live and i == 0 else None))
         model.load_state_dict(best)
         nets.append(model.eval())
         hists.append(hist)
