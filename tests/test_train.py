@@ -135,8 +135,9 @@ def test_self_training_resumes_through_the_same_checkpoint(monkeypatch, tmp_path
     none = np.zeros(0, np.int64)
     p = params.load({"train": train.SCHEMA, "self_train": selftrain.SCHEMA}, PARAMS)
     faces = selftrain.Faces(labelled=(none, none), pool=None, val=(none, none), test=None)
-    rounds = selftrain.Rounds(lambda: torch.nn.Linear(2, 2), train.TrainConfig.from_params(p["train"]),
-                              selftrain.SelfTrainConfig.from_params(p["self_train"]), None, faces,
+    training = train.TrainConfig.from_params(p["train"])
+    st = selftrain.SelfTrainConfig.from_params(p["self_train"])
+    rounds = selftrain.Rounds(lambda: torch.nn.Linear(2, 2), training, st, None, faces,
                               str(tmp_path / "st"))
     rounds.fit(0, rounds.fresh(), np.zeros((2, 48, 48), np.uint8), np.zeros(2, np.int64), none, none)
     [checkpoint] = seen

@@ -97,8 +97,8 @@ def class_weights(labels, mode):
 
 
 def make_loss(labels, training, device):
-    """Cross-entropy with the class weights and label smoothing of `training` (the `train:`
-    section), over the two label sets a mixed batch carries."""
+    """Cross-entropy with the class weights and label smoothing of `training` (a
+    TrainConfig), over the two label sets a mixed batch carries."""
     weight = class_weights(labels, training.class_weights)
     weight = weight.to(device) if weight is not None else None
     smoothing = training.label_smoothing
@@ -154,11 +154,12 @@ def make_schedule(opt, training, steps_per_epoch):
 
 def mix_batch(x, y, training, gen):
     """Mixup or CutMix (chosen at random when both are on); returns x, y_a, y_b, lam."""
-    modes = [m for m in ("mixup", "cutmix") if getattr(training, f"{m}_alpha") > 0]
+    alphas = {"mixup": training.mixup_alpha, "cutmix": training.cutmix_alpha}
+    modes = [m for m, a in alphas.items() if a > 0]
     if not modes:
         return x, y, y, 1.0
     mode = modes[int(torch.randint(len(modes), (1,), generator=gen))]
-    alpha = getattr(training, f"{mode}_alpha")
+    alpha = alphas[mode]
     # torch's Beta sampler ignores generators; seed numpy's from ours to stay resumable.
     lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen))).beta(alpha, alpha))
     perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
@@ -516,8 +517,9 @@ class Network:
 @dataclasses.dataclass(frozen=True)
 class RunFiles:
     """Where a training stage keeps its run going: `resume`, the checkpoint saved after
-    every epoch and resumed from (None: no resuming); `live`, the DVCLive folder the first
-    network's epochs are logged to (None: no log)."""
+    every epoch and resumed from (self_train: the prefix of one per round; None: no
+    resuming); `live`, the DVCLive folder the epochs (self_train: rounds) are logged to
+    (None: no log)."""
     resume: str | None = None
     live: str | None = None
 
