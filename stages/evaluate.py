@@ -30,33 +30,33 @@ OUT_CALIBRATION = paths.CALIBRATION
 
 def main():
     p = params.load({"infer": infer.SCHEMA, "evaluate": scores.SCHEMA})
+    tta, settings = p["infer"]["tta"], scores.EvaluateConfig.from_params(p["evaluate"])
     rt = runtime.setup(runtime.load())
     splits = files.load_npz(IN_SPLITS, "data splits")
     summary, per_class, outputs = {}, {}, {}
     for kind in paths.KINDS:
-        model, ckpt = networks.load(IN_MODELS[kind], rt["device"])
+        model, ckpt = networks.load(IN_MODELS[kind], rt.device)
         trained = json.loads(Path(IN_TRAIN_METRICS[kind]).read_text())
         # Parameters of one network: the DNN is matched to one CNN, not to an ensemble.
         summary[kind] = {"params": networks.count_params(networks.single(model)),
                          "seconds_per_epoch": trained["seconds_per_epoch"]}
         if ckpt.get("members", 1) > 1:
             summary[kind]["members"] = ckpt["members"]
-        res = scores.evaluate_model(kind, model, ckpt["input_size"], splits, p["infer"]["tta"],
-                                        p["evaluate"], rt)
-        summary[kind].update(res["summary"])
-        per_class[kind] = res["per_class"]
-        for split, rows in res["confusion"].items():
+        res = scores.evaluate_model(model, ckpt, splits, tta, settings, rt)
+        summary[kind].update(res.summary)
+        per_class[kind] = res.per_class
+        for split, rows in res.confusion.items():
             outputs[OUT_CONFUSION[kind, split, "csv"]] = rows
-            outputs[OUT_CONFUSION[kind, split, "png"]] = res["figures"][split]
-        outputs[OUT_MISCLASSIFIED[kind]] = res["figures"]["misclassified"]
+            outputs[OUT_CONFUSION[kind, split, "png"]] = res.figures[split]
+        outputs[OUT_MISCLASSIFIED[kind]] = res.figures["misclassified"]
         if kind == "cnn":
             cal, outputs[OUT_RELIABILITY] = calibration.calibrate(
-                model, ckpt["input_size"], splits, p["infer"]["tta"], rt)
+                model, ckpt["input_size"], splits, tta, rt)
             summary[kind]["calibration"] = cal
             outputs[OUT_CALIBRATION] = calibration.calibration_record(
                 IN_MODELS[kind], files.sha256(IN_MODELS[kind]), summary[kind])
     summary["comparison"] = scores.comparison(summary)
-    summary["runtime"] = runtime.record(rt)
+    summary["runtime"] = rt.record()
     outputs.update({OUT_METRICS: scores.headline(summary), OUT_DETAIL: summary,
                     OUT_PER_CLASS: per_class,
                     OUT_COMPARISON: scores.comparison_table(summary),

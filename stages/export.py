@@ -30,12 +30,12 @@ def main():
     crop, temperature = ckpt["input_size"], calibration["temperature"]
     graph = export.to_onnx(model, crop, temperature, settings)
     weights = export.weights(model, ckpt, settings)
-    measured = export.parity(model, graph, splits["val_x"], crop, temperature, rt["batch_size"])
+    measured = export.parity(model, graph, splits["val_x"], crop, temperature, rt.batch_size)
     export.check_parity(measured, settings["precision"])
     # The release's own accuracy: the graph on onnxruntime with the views classify uses by
     # default (the card's tta, which evaluate fitted the temperature under), not evaluate's
     # PyTorch figure, which the card keeps beside it.
-    accuracy = export.release_accuracy(graph, splits, crop, calibration["tta"], rt["batch_size"])
+    accuracy = export.release_accuracy(graph, splits, crop, calibration["tta"], rt.batch_size)
     trained_on = {"data": data["form"], "files": data["files"],
                   **{f"{name}_faces": int(len(splits[f"{name}_y"])) for name in ("train", "val", "test")}}
     card = export.card(graph, Path(OUT_ONNX).name, weights, Path(OUT_WEIGHTS).name, model, ckpt,

@@ -31,7 +31,7 @@ def main():
     splits = files.load_npz(IN_SPLITS, "data splits")
     # Gradients stay in fp32 (bf16 would blur small saliency values); threads and device
     # come from the runtime section.
-    device = runtime.setup(runtime.load())["device"]
+    device = runtime.setup(runtime.load()).device
     cnn, cnn_ckpt = networks.load(IN_CNN, device)
     cnn = networks.single(cnn)  # an ensemble is explained through its first network
     dnn, _ = networks.load(IN_DNN, device)

@@ -14,11 +14,11 @@ def main():
     splits = files.load_npz(IN_SPLITS, "data splits")
     which, x, ids = infer.faces_to_predict(splits)
     rt = runtime.setup(runtime.load())
-    model, ckpt = networks.load(IN_MODEL, rt["device"])
+    model, ckpt = networks.load(IN_MODEL, rt.device)
     probs = infer.predict(model, x, ckpt["input_size"], tta, rt,
                           label=f"[predict] {which}, tta {tta}")
     files.write_csv(OUT_CSV, infer.predictions_table(ids, probs))
-    print(f"predict: {len(ids)} {which} faces labelled (tta {tta}, {rt['precision']}); "
+    print(f"predict: {len(ids)} {which} faces labelled (tta {tta}, {rt.precision}); "
           f"wrote {OUT_CSV}", flush=True)
 
 

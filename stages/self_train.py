@@ -21,21 +21,23 @@ def main():
     rt = distributed.setup(runtime.load())  # under torchrun when runtime.processes > 1
     p = params.load({"cnn": networks.CNN_SCHEMA, "train": train.SCHEMA,
                      "self_train": selftrain.SCHEMA})
-    arch, training, st = networks.resolve_cnn_config(p["cnn"]), p["train"], p["self_train"]
+    arch = networks.resolve_cnn_config(p["cnn"])
+    training = train.TrainConfig.from_params(p["train"])
+    st = selftrain.SelfTrainConfig.from_params(p["self_train"])
     splits = files.load_npz(IN_SPLITS, "data splits")
-    result = selftrain.run(lambda: networks.FerCNN(arch, training["crop"]), splits, training, st,
-                           rt, RESUME_PREFIX, IN_SPLITS, LIVE)
-    model = networks.FerCNN(arch, training["crop"])
-    model.load_state_dict(result["state"])
+    result = selftrain.run(lambda: networks.FerCNN(arch, training.crop), splits, training, st,
+                           rt, train.RunFiles(RESUME_PREFIX, LIVE))
+    model = networks.FerCNN(arch, training.crop)
+    model.load_state_dict(result.state)
     if not distributed.is_main():  # rank 0 alone writes
         return
     m = selftrain.metrics(result)
     files.write_outputs({
-        OUT_MODEL: networks.checkpoint(model, "cnn", arch, training["crop"],
+        OUT_MODEL: networks.checkpoint(model, "cnn", arch, training.crop,
                                      selftrain.checkpoint_meta(result)),
         OUT_METRICS: selftrain.headline(m), OUT_DETAIL: m,
         OUT_ROUNDS: selftrain.rounds_table(result)})
-    files.remove(result["resume_files"])  # finished: a later run must start afresh
+    files.remove(result.resume_files)  # finished: a later run must start afresh
     base, best = m["baseline"]["test"]["accuracy"], m["self_trained"]["test"]["accuracy"]
     test = ("n/a (no labelled test set)" if m["gain"] is None else
             f"{base:.4f} -> {best:.4f} ({m['gain']:+.4f})")

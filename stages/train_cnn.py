@@ -20,15 +20,16 @@ def main():
     rt = distributed.setup(runtime.load())  # under torchrun when runtime.processes > 1
     p = params.load({"cnn": networks.CNN_SCHEMA, "train": train.SCHEMA,
                      "ensemble": networks.ENSEMBLE_SCHEMA})
-    arch, training = networks.resolve_cnn_config(p["cnn"]), p["train"]
+    arch = networks.resolve_cnn_config(p["cnn"])
+    training = train.TrainConfig.from_params(p["train"])
+    members = p["ensemble"]["members"]
     splits = files.load_npz(IN_SPLITS, "data splits")
-    result = train.run("cnn", lambda: networks.FerCNN(arch, training["crop"]), arch, splits,
-                       training, rt, RESUME, p["ensemble"]["members"],
-                       live_dir=LIVE)
+    cnn = train.Network("cnn", arch, lambda: networks.FerCNN(arch, training.crop))
+    result = train.run(cnn, splits, training, rt, members, train.RunFiles(RESUME, LIVE))
     if distributed.is_main():  # the only process that writes
-        files.write_outputs({OUT_MODEL: result["checkpoint"], OUT_METRICS: result["metrics"],
-                             OUT_HISTORY: result["history"], OUT_LAYER_TABLE: result["summary"]})
-        files.remove(result["resume_files"])  # finished: a later run must start afresh
+        files.write_outputs({OUT_MODEL: result.checkpoint, OUT_METRICS: result.metrics,
+                             OUT_HISTORY: result.history, OUT_LAYER_TABLE: result.summary})
+        files.remove(result.resume_files)  # finished: a later run must start afresh
         print(f"train_cnn: saved {OUT_MODEL}", flush=True)
 
 

@@ -19,19 +19,19 @@ LIVE = paths.LIVE["dnn"]
 def main():
     rt = distributed.setup(runtime.load())  # under torchrun when runtime.processes > 1
     p = params.load({"cnn": networks.CNN_SCHEMA, "dnn": networks.DNN_SCHEMA, "train": train.SCHEMA})
-    training = p["train"]
+    training = train.TrainConfig.from_params(p["train"])
     target = networks.count_params(networks.FerCNN(networks.resolve_cnn_config(p["cnn"]),
-                                               training["crop"]))
-    widths = networks.dnn_widths(p["dnn"], training["crop"], target)
+                                               training.crop))
+    widths = networks.dnn_widths(p["dnn"], training.crop, target)
     print(f"dnn: hidden widths {widths} to match the CNN's {target:,} parameters", flush=True)
     splits = files.load_npz(IN_SPLITS, "data splits")
     config = {**p["dnn"], "widths": widths}
-    result = train.run("dnn", lambda: networks.build("dnn", config, training["crop"]), config,
-                       splits, training, rt, RESUME, live_dir=LIVE)
+    dnn = train.Network("dnn", config, lambda: networks.build("dnn", config, training.crop))
+    result = train.run(dnn, splits, training, rt, run_files=train.RunFiles(RESUME, LIVE))
     if distributed.is_main():  # the only process that writes
-        files.write_outputs({OUT_MODEL: result["checkpoint"], OUT_METRICS: result["metrics"],
-                             OUT_HISTORY: result["history"], OUT_LAYER_TABLE: result["summary"]})
-        files.remove(result["resume_files"])  # finished: a later run must start afresh
+        files.write_outputs({OUT_MODEL: result.checkpoint, OUT_METRICS: result.metrics,
+                             OUT_HISTORY: result.history, OUT_LAYER_TABLE: result.summary})
+        files.remove(result.resume_files)  # finished: a later run must start afresh
         print(f"train_dnn: saved {OUT_MODEL}", flush=True)
 
 

@@ -74,7 +74,7 @@ TINY_RUNTIME = {"device": "auto", "threads": 1, "precision": "auto", "batch_size
 
 
 def tiny_runtime(**overrides):
-    """Resolved run-time settings (runtime.setup) for tests that call the library."""
+    """The runtime.Runtime (runtime.setup) of tests that call the library."""
     from ferpipe import runtime
 
     return runtime.setup({**TINY_RUNTIME, **overrides})

@@ -224,10 +224,12 @@ def fit(batch_norm, rt):
                     Path(__file__).resolve().parents[1] / "params.yaml")
     arch = networks.resolve_cnn_config({**p["cnn"], **TINY_CNN, "batch_norm": batch_norm,
                                       "head_dropout": 0.0})
-    cfg = {**p["train"], **TRAIN, "epochs": 2, "batch_size": 16, "ema_decay": 0.9}
+    cfg = train.TrainConfig.from_params({**p["train"], **TRAIN, "epochs": 2, "batch_size": 16,
+                                         "ema_decay": 0.9})
     data = synthetic.make_faces(12, seed=0), synthetic.make_faces(4, seed=1)
-    torch.manual_seed(cfg["seed"])
-    best, hist, _ = train.fit(networks.FerCNN(arch, cfg["crop"]), *data, cfg, rt, "cnn")
+    torch.manual_seed(cfg.seed)
+    best, hist, _ = train.fit(networks.FerCNN(arch, cfg.crop), *data, cfg, rt,
+                              train.Tracking("cnn"))
     timing = {"seconds", "images_per_second"}
     return best, [{k: v for k, v in row.items() if k not in timing} for row in hist]
 

@@ -134,19 +134,19 @@ def test_augmentation_keeps_shape_range_and_batch_order():
     # Each image is constant: after any crop/rotation/flip it stays that constant (bar
     # erased pixels), which shows that images never swap places within the batch.
     x = torch.linspace(0, 1, 64).view(64, 1, 1, 1).expand(64, 1, 48, 48).contiguous()
-    out = augment.random_views(x, {**AUG, "erasing": 0.0}, 40, gen)
+    out = augment.random_views(x, augment.AugmentConfig(**{**AUG, "erasing": 0.0}), 40, gen)
     assert out.shape == (64, 1, 40, 40)
     torch.testing.assert_close(out.median(dim=-1).values.median(dim=-1).values.squeeze(1),
                                x[:, 0, 0, 0], atol=1e-5, rtol=0)
-    erased = augment.random_views(x, AUG, 40, gen)
+    erased = augment.random_views(x, augment.AugmentConfig(**AUG), 40, gen)
     assert erased.shape == (64, 1, 40, 40) and erased.min() >= 0 and erased.max() <= 1
 
 
 def test_augmentation_without_randomness_is_the_centre_crop():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(8, 1, 48, 48)
-    still = {"rotation": 0.0, "shift": 0.0, "zoom": 0.0, "hflip": False, "erasing": 0.0,
-             "erasing_max_area": 0.2}
+    still = augment.AugmentConfig(rotation=0.0, shift=0.0, zoom=0.0, hflip=False, erasing=0.0,
+                                  erasing_max_area=0.2)
     out = augment.random_views(x, still, 48, gen)
     torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
 

@@ -1,4 +1,6 @@
 """The precision choice per machine (runtime.precision: auto) and the runtime section."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -65,7 +67,27 @@ def test_setup_records_what_it_chose_and_on_what(cpu):
     cpu("AVX2")
     rt = runtime.setup({"device": "cpu", "threads": 1, "precision": "auto", "batch_size": 64,
                         "log_seconds": 60})
-    assert rt["precision"] == "fp32" and rt["device"] == CPU and torch.get_num_threads() == 1
-    rec = runtime.record(rt)
+    assert rt.precision == "fp32" and rt.device == CPU and torch.get_num_threads() == 1
+    rec = rt.record()
     assert rec == {"precision": "fp32", "precision_requested": "auto", "threads": 1,
                    "device": "cpu", "cpu_capability": "AVX2", "native_bf16": False}
+
+
+def test_a_rank_gets_its_own_copy_and_the_record_names_the_processes(cpu):
+    cpu("AVX2")
+    rt = runtime.setup({"device": "cpu", "threads": 1, "precision": "auto", "batch_size": 64,
+                        "log_seconds": 60, "processes": 2})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rt.precision = "bf16"  # made once: nothing downstream re-decides it
+    rank = dataclasses.replace(rt, world_size=2, backend="gloo", rank=1)
+    assert rank.record() == {**rt.record(), "processes": 2, "backend": "gloo"}
+    assert "processes" not in rt.record()  # one process trained: nothing to say
+
+
+def test_another_precision_is_resolved_by_the_runtime(cpu):
+    cpu("AVX2")
+    rt = runtime.setup({"device": "cpu", "threads": 1, "precision": "fp32", "batch_size": 64,
+                        "log_seconds": 60, "processes": 1})
+    assert rt.with_precision("auto").precision == "fp32"  # emulated bf16 is not chosen
+    forced = rt.with_precision("bf16")
+    assert (forced.precision, forced.precision_requested, forced.device) == ("bf16", "bf16", CPU)

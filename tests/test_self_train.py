@@ -1,4 +1,5 @@
 """Self-training: hiding labels, choosing pseudo-labels, the round loop, and the stage."""
+import dataclasses
 import json
 
 import numpy as np
@@ -25,7 +26,12 @@ ST = {"unlabeled_fraction": 0.75, "seed": 0, "rounds": 3, "threshold": 0.8, "cla
 def tiny():
     """The project's train and cnn sections with the tiny test settings merged in."""
     p = params.load({"train": train.SCHEMA, "cnn": networks.CNN_SCHEMA}, ROOT / "params.yaml")
-    return {**p["train"], **TINY_TRAIN}, networks.resolve_cnn_config({**p["cnn"], **TINY_CNN})
+    return (train.TrainConfig.from_params({**p["train"], **TINY_TRAIN}),
+            networks.resolve_cnn_config({**p["cnn"], **TINY_CNN}))
+
+
+def config(**overrides):
+    return selftrain.SelfTrainConfig.from_params({**ST, **overrides})
 
 
 def test_hide_labels_is_stratified_seeded_and_disjoint():
@@ -107,14 +113,13 @@ def test_hidden_labels_never_reach_the_trainer(monkeypatch, tiny):
     val_y = rng.integers(0, NUM_CLASSES, 14)
     fits, predicted_pools = [], []
 
-    def fake_fit(model, train, val, training, rt, name, checkpoint=None):
+    def fake_fit(model, train, val, training, rt, tracking):
         x, y = train
         fits.append((x.copy(), y.copy()))
         return ({k: v.clone() for k, v in model.state_dict().items()}, [],
                 {"best_epoch": 1, "best_val_accuracy": 0.5, "train_minutes": 0.0})
 
-    def fake_predict(model, images, crop, tta="none", batch_size=512, precision="fp32",
-                     device=None, temperature=1.0, progress=None):
+    def fake_predict(model, images, crop, tta="none", rt=None, temperature=1.0, progress=None):
         # More confident after each fit: base + 10 points per round trained so far.
         conf = np.minimum(images[:, 0, 3] / 100 + 0.1 * (len(fits) - 1), 1.0)
         probs = np.repeat(((1 - conf) / (NUM_CLASSES - 1))[:, None], NUM_CLASSES, 1)
@@ -125,8 +130,9 @@ def test_hidden_labels_never_reach_the_trainer(monkeypatch, tiny):
 
     monkeypatch.setattr(ferpipe.training.train, "fit", fake_fit)
     monkeypatch.setattr(ferpipe.model.infer, "predict_proba", fake_predict)
-    res = selftrain.self_train(lambda: networks.FerCNN(arch, cfg["crop"]), (lab_x, lab_y),
-                               (pool_x, hidden), (val_x, val_y), (val_x[:0], val_y[:0]), cfg, ST,
+    faces = selftrain.Faces(labelled=(lab_x, lab_y), pool=(pool_x, hidden), val=(val_x, val_y),
+                            test=(val_x[:0], val_y[:0]))
+    res = selftrain.self_train(lambda: networks.FerCNN(arch, cfg.crop), faces, cfg, config(),
                                tiny_runtime())
 
     pred_of = dict(zip(_ids(pool_x), pool_pred))
@@ -146,16 +152,16 @@ def test_hidden_labels_never_reach_the_trainer(monkeypatch, tiny):
         for i, label in zip(ids[is_pool], y[is_pool]):
             assert label == pred_of[i] != hidden_of[i]  # the prediction, never the hidden label
     # the pool shrinks as faces are added, and only pool faces are predicted for selection
-    assert [len(p) for p in predicted_pools] == [60, 60 - res["rounds"][1]["added"],
-                                                 res["rounds"][2]["pool_size"]]
+    assert [len(p) for p in predicted_pools] == [60, 60 - res.rounds[1]["added"],
+                                                 res.rounds[2]["pool_size"]]
     assert predicted_pools[1] == set(_ids(pool_x)) - {i for i in _ids(fits[1][0]) if i >= 1000}
-    sizes = [r["pool_size"] for r in res["rounds"]]
+    sizes = [r["pool_size"] for r in res.rounds]
     assert sizes[0] == 60 and all(a > b for a, b in zip(sizes, sizes[1:]))
-    for prev, row in zip(res["rounds"], res["rounds"][1:]):
+    for prev, row in zip(res.rounds, res.rounds[1:]):
         assert row["pool_size"] == prev["pool_size"] - row["added"] and row["added"] > 0
         assert row["pseudo_label_accuracy"] == 0.0  # scored against the hidden labels
-    assert res["rounds"][0]["test_accuracy"] is None  # no labelled test set
-    assert set(_ids(pool_x[res["pseudo_index"]])) == selected_so_far
+    assert res.rounds[0]["test_accuracy"] is None  # no labelled test set
+    assert set(_ids(pool_x[res.pseudo_index])) == selected_so_far
 
 
 def test_threshold_no_face_reaches_stops_with_the_baseline(monkeypatch, tiny):
@@ -169,13 +175,14 @@ def test_threshold_no_face_reaches_stops_with_the_baseline(monkeypatch, tiny):
 
     monkeypatch.setattr(ferpipe.training.train, "fit", fake_fit)
     x, y = synthetic.make_faces(4, seed=5)
-    st = {**ST, "threshold": 1.0, "tta": "flip"}
-    res = selftrain.self_train(lambda: networks.FerCNN(arch, cfg["crop"]), (x[:7], y[:7]),
-                               (x[7:], y[7:]), (x[:7], y[:7]), (x[:7], y[:7]), cfg, st,
+    st = config(threshold=1.0, tta="flip")
+    faces = selftrain.Faces(labelled=(x[:7], y[:7]), pool=(x[7:], y[7:]), val=(x[:7], y[:7]),
+                            test=(x[:7], y[:7]))
+    res = selftrain.self_train(lambda: networks.FerCNN(arch, cfg.crop), faces, cfg, st,
                                tiny_runtime())
-    assert calls == [7] and res["selected_round"] == 0
-    assert res["rounds"][1]["skipped"] and res["rounds"][1]["added"] == 0
-    m = selftrain.metrics({**res, "train_faces": 28, "extra_unlabelled": 0})
+    assert calls == [7] and res.selected_round == 0
+    assert res.rounds[1]["skipped"] and res.rounds[1]["added"] == 0
+    m = selftrain.metrics(dataclasses.replace(res, train_faces=28, extra_unlabelled=0))
     assert m["gain"] == 0.0 and m["self_trained"]["round"] == 0
 
 
@@ -189,11 +196,12 @@ def test_every_step_file_dvc_yaml_plots_is_written_when_no_round_adds(monkeypatc
     monkeypatch.setattr(ferpipe.training.train, "fit", lambda model, *a, **k: (
         model.state_dict(), [], {"best_epoch": 1, "best_val_accuracy": 0.3, "train_minutes": 0.0}))
     x, y = synthetic.make_faces(4, seed=5)
-    res = selftrain.self_train(lambda: networks.FerCNN(arch, cfg["crop"]), (x[:7], y[:7]),
-                               (x[7:], y[7:]), (x[:7], y[:7]), (x[:7], y[:7]), cfg,
-                               {**ST, "threshold": 1.0}, tiny_runtime(),
-                               live_dir=str(tmp_path / "dvclive/self_train"))
-    assert [r["added"] for r in res["rounds"]] == [0, 0]
+    faces = selftrain.Faces(labelled=(x[:7], y[:7]), pool=(x[7:], y[7:]), val=(x[:7], y[:7]),
+                            test=(x[:7], y[:7]))
+    res = selftrain.self_train(lambda: networks.FerCNN(arch, cfg.crop), faces, cfg,
+                               config(threshold=1.0), tiny_runtime(),
+                               train.RunFiles(live=str(tmp_path / "dvclive/self_train")))
+    assert [r["added"] for r in res.rounds] == [0, 0]
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     declared = [path for plot in plots if isinstance(plot, dict)
                 for spec in plot.values() for path in spec["y"]
@@ -224,9 +232,9 @@ def test_real_rounds_score_what_the_trainer_was_given(monkeypatch, tiny):
         return real_fit(model, train, *args, **kwargs)
 
     monkeypatch.setattr(ferpipe.training.train, "fit", spy)
-    st = {**ST, "threshold": 0.0, "class_cap": 0.5, "rounds": 2, "tta": "flip"}
-    cfg = {**cfg, "batch_size": 16}  # two steps an epoch: onecycle needs more than two steps
-    res = selftrain.run(lambda: networks.FerCNN(arch, cfg["crop"]), splits, cfg, st,
+    st = config(threshold=0.0, class_cap=0.5, rounds=2, tta="flip")
+    cfg = dataclasses.replace(cfg, batch_size=16)  # two steps an epoch: onecycle needs > 2
+    res = selftrain.run(lambda: networks.FerCNN(arch, cfg.crop), splits, cfg, st,
                         tiny_runtime())
     lab, hid = selftrain.hide_labels(y, 0.75, 0)
     row = {img.tobytes(): i for i, img in enumerate(x)}
@@ -235,34 +243,35 @@ def test_real_rounds_score_what_the_trainer_was_given(monkeypatch, tiny):
     is_pool = np.isin(where, hid)
     assert (~is_pool).sum() == len(lab)
     np.testing.assert_array_equal(y1[~is_pool], y[where[~is_pool]])
-    r1 = res["rounds"][1]
+    r1 = res.rounds[1]
     assert r1["added"] == is_pool.sum() > 0
     assert r1["pseudo_label_accuracy"] == pytest.approx((y1[is_pool] == y[where[is_pool]]).mean())
     counts = np.bincount(y1[is_pool], minlength=NUM_CLASSES)
     assert list(r1["added_per_class"].values()) == list(counts)
     assert (counts <= np.floor(0.5 * np.bincount(y[lab], minlength=NUM_CLASSES))).all()
-    for r in res["rounds"]:
+    for r in res.rounds:
         assert 0 <= r["val_accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1
 
 
 def test_a_rerun_resumes_every_round_from_its_checkpoint(tmp_path, capsys, tiny):
     cfg, arch = tiny
-    cfg = {**cfg, "batch_size": 8}
+    cfg = dataclasses.replace(cfg, batch_size=8)
     x, y = synthetic.make_faces(8, seed=21)
-    st = {**ST, "threshold": 0.0, "class_cap": 1.0, "rounds": 1, "retrain": "finetune"}
-    args = ((x[:21], y[:21]), (x[21:], y[21:]), (x[:14], y[:14]), (x[:0], y[:0]), cfg, st)
+    st = config(threshold=0.0, class_cap=1.0, rounds=1, retrain="finetune")
+    faces = selftrain.Faces(labelled=(x[:21], y[:21]), pool=(x[21:], y[21:]),
+                            val=(x[:14], y[:14]), test=(x[:0], y[:0]))
 
     def go():
-        return selftrain.self_train(lambda: networks.FerCNN(arch, cfg["crop"]), *args,
-                                    tiny_runtime(), resume_prefix=str(tmp_path / "st"))
+        return selftrain.self_train(lambda: networks.FerCNN(arch, cfg.crop), faces, cfg, st,
+                                    tiny_runtime(), train.RunFiles(resume=str(tmp_path / "st")))
 
     first = go()
-    assert len(first["resume_files"]) == 2 and "resuming" not in capsys.readouterr().out
+    assert len(first.resume_files) == 2 and "resuming" not in capsys.readouterr().out
     second = go()  # as if killed after the last epoch: nothing is trained again
     assert capsys.readouterr().out.count("resuming from the checkpoint") == 2
-    assert first["rounds"] == second["rounds"]
-    for k, v in first["state"].items():
-        assert torch.equal(v, second["state"][k])
+    assert first.rounds == second.rounds
+    for k, v in first.state.items():
+        assert torch.equal(v, second.state[k])
 
 
 # --------------------------------------------------------------------------------- the stage

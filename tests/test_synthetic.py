@@ -21,15 +21,15 @@ def test_generator_is_seeded_and_balanced():
 def test_small_cnn_separates_the_classes_well_above_chance():
     x, y = synthetic.make_faces(100, seed=0)
     vx, vy = synthetic.make_faces(20, seed=1)
-    cfg = {**yaml_train(), **TINY_TRAIN, "epochs": 10}
+    cfg = train.TrainConfig.from_params({**yaml_train(), **TINY_TRAIN, "epochs": 10})
     rt = tiny_runtime()
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg.seed)
     arch = {"preset": "custom", "widths": [16, 32, 64], "convs": [1, 1, 1], "kernel": 3,
             "batch_norm": True, "residual": False, "activation": "relu", "pooling": "max",
             "block_dropout": 0.0, "global_pool": "avg", "head": [32], "head_dropout": 0.0}
-    model = networks.FerCNN(arch, cfg["crop"])
+    model = networks.FerCNN(arch, cfg.crop)
     _, hist, record = train.fit(model, (x, y.astype(np.int8)), (vx, vy.astype(np.int8)), cfg,
-                                rt, "cnn")
+                                rt, train.Tracking("cnn"))
     assert record["best_val_accuracy"] > 0.6  # chance is 1/7
     assert torch.get_num_threads() == 1
 

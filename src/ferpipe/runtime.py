@@ -6,6 +6,7 @@ hand (device, threads, precision, inference batch size, progress interval, the n
 training processes). The precision resolved here, and the hardware it was resolved on, are
 written into the metrics.
 """
+import dataclasses
 import os
 
 import torch
@@ -83,20 +84,63 @@ def set_threads(threads):
 
 # ---------------------------------------------------------------- the settings of one process
 
-def setup(settings):
-    """Threads, device and precision for this process, from the `runtime:` settings.
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How this process computes: made once (`setup`), then read by everything that runs a
+    network. Under torchrun distributed.setup gives each rank its own copy (its GPU, the
+    world size and the backend)."""
+    device: torch.device
+    precision: str                 # resolved on this machine: bf16 or fp32
+    precision_requested: str       # as runtime.precision asks: auto, bf16 or fp32
+    threads: int                   # torch's intra-op threads, as set
+    batch_size: int = 512          # faces per forward pass when scoring
+    log_seconds: float = 60.0      # seconds between progress lines
+    processes: int = 1             # training processes asked for (runtime.processes)
+    hardware: dict = dataclasses.field(default_factory=dict)  # what the precision was chosen on
+    world_size: int = 1            # processes training together (torchrun)
+    backend: str | None = None     # their process group's backend: gloo or nccl
+    rank: int = 0
 
-    Returns the settings with `device` a torch.device and `precision` resolved to bf16 or
-    fp32, plus `hardware` (what the choice was made on, for the metrics)."""
-    set_threads(settings["threads"])
-    device = pick_device(settings["device"])
-    if device.type == "cuda":
-        deterministic_cuda()
-    return {**settings, "device": device,
-            "precision": resolve_precision(settings["precision"], device),
-            "precision_requested": settings["precision"],
-            "threads": torch.get_num_threads(),
-            "hardware": hardware(device)}
+    def with_precision(self, requested):
+        """The same runtime computing in `requested` (auto, bf16, fp32) resolved here."""
+        return dataclasses.replace(self, precision=resolve_precision(requested, self.device),
+                                   precision_requested=requested)
+
+    def record(self):
+        """What the metrics say about the machine and the precision a result came from (and,
+        when it trained data-parallel, on how many processes)."""
+        out = {"precision": self.precision, "precision_requested": self.precision_requested,
+               "threads": self.threads, **self.hardware}
+        if self.world_size > 1:
+            out.update(processes=self.world_size, backend=self.backend)
+        return out
+
+
+def make(device="auto", threads=0, precision="auto", batch_size=512, log_seconds=60.0,
+         processes=1):
+    """The Runtime for these settings: threads set, device picked, precision resolved."""
+    set_threads(threads)
+    dev = pick_device(device)
+    return Runtime(device=dev, precision=resolve_precision(precision, dev),
+                   precision_requested=precision, threads=torch.get_num_threads(),
+                   batch_size=batch_size, log_seconds=log_seconds, processes=processes,
+                   hardware=hardware(dev))
+
+
+def reference(batch_size=512):
+    """fp32 on the CPU, whatever this machine would choose: what a parity check compares
+    an exported graph against, so its verdict is the same everywhere."""
+    cpu = torch.device("cpu")
+    return Runtime(device=cpu, precision="fp32", precision_requested="fp32",
+                   threads=torch.get_num_threads(), batch_size=batch_size, hardware=hardware(cpu))
+
+
+def setup(settings):
+    """The Runtime of a stage, from the validated `runtime:` settings (`load`); on a GPU
+    also the settings that make CUDA runs repeatable."""
+    if pick_device(settings["device"]).type == "cuda":
+        deterministic_cuda()  # before anything touches cuBLAS
+    return make(**settings)
 
 
 def deterministic_cuda():
@@ -105,13 +149,3 @@ def deterministic_cuda():
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-
-
-def record(rt):
-    """What the metrics say about the machine and the precision a result came from (and,
-    when it trained data-parallel, on how many processes)."""
-    out = {"precision": rt["precision"], "precision_requested": rt["precision_requested"],
-           "threads": rt["threads"], **rt["hardware"]}
-    if rt.get("world_size", 1) > 1:
-        out.update(processes=rt["world_size"], backend=rt["backend"])
-    return out

@@ -1,6 +1,7 @@
 """Scoring trained models: accuracy, macro-F1, per-class report and confusion matrices on
 every labelled split, the TTA sweep on validation, the CNN-versus-DNN comparison, and the
 calibration of the CNN (expected calibration error, reliability, one fitted temperature)."""
+import dataclasses
 
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
@@ -9,13 +10,37 @@ from ferpipe import plots
 from ferpipe.constants import EMOTIONS
 from ferpipe.data import duplicates
 from ferpipe.model import infer
-from ferpipe.params import choice, integer, list_of
+from ferpipe.params import choice, integer, list_of, section
 
 SCHEMA = {
     "misclassified": integer(lo=0, hi=200),  # faces in the misclassified-validation grid
     "seed": integer(lo=0),
     "tta_modes": list_of(choice(*infer.TTA_MODES)),  # scored on validation beside infer.tta and none
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """The `evaluate:` section, as SCHEMA validated it (same fields, same order)."""
+    misclassified: int
+    seed: int
+    tta_modes: list
+
+    @classmethod
+    def from_params(cls, values, where="evaluate"):
+        """Validate an `evaluate:` section (a dict, as in params.yaml) and build it."""
+        return cls(**section(SCHEMA)(values, where))
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """One network scored: `summary` (accuracy, macro-F1 and single-crop accuracy per
+    split, the TTA sweep, the most confused pairs), `per_class` reports per split, and per
+    split (val, test, private) `confusion` rows and `figures` (plus "misclassified")."""
+    summary: dict
+    per_class: dict
+    confusion: dict
+    figures: dict
 LABELS = list(range(len(EMOTIONS)))
 SPLITS = ("val", "test", "private")
 # What a split with no labelled faces gets in place of its confusion figure: the course's
@@ -48,14 +73,14 @@ def most_confused(cm, top=5):
              "share_of_true": round(float(r), 4)} for r, i, j in pairs[:top]]
 
 
-def tta_sweep(model, x, y, crop, modes, known, rt, label="[evaluate]"):
-    """Validation accuracy under each TTA mode, so infer.tta can be chosen without the test
-    split; `known` holds the modes already scored. In TTA_MODES order."""
+def tta_sweep(accuracy_of, modes, known):
+    """Validation accuracy under each TTA mode (`accuracy_of(mode)`), so infer.tta can be
+    chosen without the test split; `known` holds the modes already scored. In TTA_MODES
+    order."""
     by_tta = dict(known)
     for m in modes:
         if m not in by_tta:
-            by_tta[m] = score(y, infer.predict(model, x, crop, m, rt,
-                                               label=f"{label} val, tta {m}"))["accuracy"]
+            by_tta[m] = accuracy_of(m)
     return {m: by_tta[m] for m in infer.TTA_MODES if m in by_tta}
 
 
@@ -77,11 +102,12 @@ def confusion_rows(y, pred):
     return pd.DataFrame({"actual": names[y], "predicted": names[pred]}, columns=["actual", "predicted"])
 
 
-def evaluate_model(kind, model, crop, splits, tta, settings, rt):
-    """Score one network on every split. `tta` is infer.tta, `settings` the `evaluate:`
-    section. Returns its summary, per-class reports, and per split (val, test, private) the
-    confusion rows and figure, plus the misclassified-face figure: every split gets them,
-    a placeholder where the split has no labelled faces."""
+def evaluate_model(model, ckpt, splits, tta, settings, rt):
+    """Score one network (as networks.load gives it: the model and its checkpoint) on every
+    split. `tta` is infer.tta, `settings` an EvaluateConfig. Returns an Evaluation: every
+    split gets its confusion rows and figure, a placeholder where the split has no labelled
+    faces."""
+    kind, crop = ckpt["kind"], ckpt["input_size"]
     summary, per_class, confusion, figures = {}, {}, {}, {}
     for name in SPLITS:
         x, y = splits[f"{name}_x"], splits[f"{name}_y"]
@@ -104,21 +130,22 @@ def evaluate_model(kind, model, crop, splits, tta, settings, rt):
         figures[name] = plots.confusion_heatmap(
             s["confusion"], f"{kind.upper()} on {name}: accuracy {s['accuracy']:.3f} ({tta})")
         if name == "val":
+            def val_accuracy(m, x=x, y=y):
+                return score(y, infer.predict(model, x, crop, m, rt,
+                                              label=f"[evaluate] {kind} val, tta {m}"))["accuracy"]
             summary["val_accuracy_by_tta"] = tta_sweep(
-                model, x, y, crop, settings["tta_modes"],
-                {tta: s["accuracy"], "none": summary[name]["single_crop_accuracy"]}, rt,
-                f"[evaluate] {kind}")
+                val_accuracy, settings.tta_modes,
+                {tta: s["accuracy"], "none": summary[name]["single_crop_accuracy"]})
             summary["most_confused"] = most_confused(s["confusion"])
             figures["misclassified"] = misclassified_figure(
-                kind, x, y, probs, settings["misclassified"], settings["seed"])
+                kind, x, y, probs, settings.misclassified, settings.seed)
         leak = (f"; {summary[name]['unseen_accuracy']:.4f} on the "
                 f"{summary[name]['unseen_faces']} faces with no copy in Training"
                 if "unseen_accuracy" in summary[name] else "")
         print(f"evaluate: {kind} {name}: accuracy {s['accuracy']:.4f} "
               f"(single crop {summary[name]['single_crop_accuracy']:.4f}), "
               f"macro-F1 {s['macro_f1']:.4f}{leak}", flush=True)
-    return {"summary": summary, "per_class": per_class, "confusion": confusion,
-            "figures": figures}
+    return Evaluation(summary, per_class, confusion, figures)
 
 
 def leak_free(y, probs, single, unseen):

@@ -100,14 +100,17 @@ def _network(model, precision, device, temperature):
 
 
 @torch.no_grad()
-def predict_proba(model, images, crop, tta="none", batch_size=512, precision="fp32", device=None,
-                  temperature=1.0, progress=None):
+def predict_proba(model, images, crop, tta="none", rt=None, temperature=1.0, progress=None):
     """Mean softmax probability over the test-time views, as a (N, 7) float numpy array.
 
     `model` is a torch network, or a runner of an exported graph with a `probs(views)` method
     (release.OnnxModel), so classify's two backends share the views and the averaging.
-    `temperature` divides a torch network's outputs (an exported graph holds its own).
-    `progress(faces done)` is called after every batch (see `Progress`)."""
+    `rt` (a runtime.Runtime) gives the batch size, precision and device; without one, fp32
+    in batches of 512 on the network's device. `temperature` divides a torch network's
+    outputs (an exported graph holds its own). `progress(faces done)` is called after every
+    batch (see `Progress`)."""
+    batch_size, precision, device = (512, "fp32", None) if rt is None else \
+        (rt.batch_size, rt.precision, rt.device)
     if isinstance(model, torch.nn.Module):
         device = device or device_of(model)
         probs_of = _network(model, precision, device, temperature)
@@ -129,9 +132,9 @@ def view_logits(model, images, crop, tta, rt, label=None):
     """The network's outputs for every test-time view, (N, views, 7) float32: what a
     temperature is fitted on (evaluation.fit_temperature). `label`: see `predict`."""
     model.eval()
-    out, progress = [], label and Progress(label, len(images), rt["log_seconds"])
-    for views in _view_batches(images, crop, tta, rt["batch_size"], rt["device"]):
-        with autocast(rt["device"], rt["precision"]):
+    out, progress = [], label and Progress(label, len(images), rt.log_seconds)
+    for views in _view_batches(images, crop, tta, rt.batch_size, rt.device):
+        with autocast(rt.device, rt.precision):
             out.append(torch.stack([model(channels_last(v)).float() for v in views], 1).cpu())
         if progress:
             progress(sum(len(o) for o in out))
@@ -139,12 +142,11 @@ def view_logits(model, images, crop, tta, rt, label=None):
 
 
 def predict(model, images, crop, tta, rt, temperature=1.0, label=None):
-    """predict_proba with the batch size, precision and device of the resolved run-time
-    settings (runtime.setup): the precision that suits this machine, not the training one.
-    With a `label`, prints progress lines every runtime.log_seconds, like training's."""
-    return predict_proba(model, images, crop, tta, rt["batch_size"], rt["precision"],
-                         rt["device"], temperature,
-                         progress=label and Progress(label, len(images), rt["log_seconds"]))
+    """predict_proba in the runtime `rt` of this machine (runtime.setup): the precision that
+    suits it, not the training one. With a `label`, prints progress lines every
+    runtime.log_seconds, like training's."""
+    return predict_proba(model, images, crop, tta, rt, temperature,
+                         progress=label and Progress(label, len(images), rt.log_seconds))
 
 
 class Progress:

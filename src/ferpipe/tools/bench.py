@@ -13,6 +13,7 @@ To see what an AVX2-only CPU does on an AVX-512 machine, limit the kernels:
 `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python -m ferpipe.tools.bench custom`.
 """
 import argparse
+import dataclasses
 import math
 import time
 
@@ -26,29 +27,30 @@ from ferpipe.training import train
 WARMUP = 10
 
 
-def images_per_second(model, faces, labels, training, rt, precision, steps):
+def images_per_second(model, faces, labels, training, rt, steps):
     """Training images/s over `steps` steps of the loop's own train_step: the same batches
-    (augmentation, mixing), loss, optimiser, schedule and weight average as train.fit."""
-    device = rt["device"]
+    (augmentation, mixing), loss, optimiser, schedule and weight average as train.fit, in
+    the precision of `rt`."""
+    device = rt.device
     model.to(device).to(memory_format=torch.channels_last).train()
-    gen = torch.Generator().manual_seed(training["seed"])
+    gen = torch.Generator().manual_seed(training.seed)
     batches = train.Batches(faces, labels, training, gen, device)
     # Long enough a schedule for the timed steps: OneCycleLR refuses to step past its end.
-    epochs = max(training["epochs"], math.ceil((WARMUP + steps) / len(batches)))
+    epochs = max(training.epochs, math.ceil((WARMUP + steps) / len(batches)))
     opt = train.make_optimizer(model, training)
-    sched = train.make_schedule(opt, {**training, "epochs": epochs}, len(batches))
-    loss_fn = train.make_loss(labels, training, device)
-    ema = train.EMA(model, training["ema_decay"]) if training["ema_decay"] > 0 else None
+    sched = train.make_schedule(opt, dataclasses.replace(training, epochs=epochs), len(batches))
+    ema = train.EMA(model, training.ema_decay) if training.ema_decay > 0 else None
+    learner = train.Learner(opt, sched, train.make_loss(labels, training, device), ema)
     stream = (batch for _ in range(epochs) for batch in batches)
     for step, batch in zip(range(WARMUP + steps), stream):
         if step == WARMUP:
             train.sync(device)
             t0 = time.perf_counter()
-        train.train_step(model, batch, opt, sched, loss_fn, precision, device)
+        train.train_step(model, batch, learner, rt)
         if ema is not None:
             ema.update(step)
     train.sync(device)
-    return steps * training["batch_size"] / (time.perf_counter() - t0)
+    return steps * training.batch_size / (time.perf_counter() - t0)
 
 
 def describe(hw):
@@ -69,26 +71,26 @@ def main(argv=None):
                     help="wrap each model in torch.compile (compilation happens in the warm-up steps)")
     args = ap.parse_args(argv)
     p = params.load({"cnn": networks.CNN_SCHEMA, "train": train.SCHEMA, "runtime": runtime.SCHEMA})
-    training = p["train"]
+    training = train.TrainConfig.from_params(p["train"])
     rt = runtime.setup(p["runtime"])
-    device = rt["device"]
+    device = rt.device
     splits = files.load_npz(args.splits, "data splits", ("train_x", "train_y"))
     faces, labels = splits["train_x"], splits["train_y"].astype(np.int64)
-    print(f"bench: {describe(rt['hardware'])}; {rt['threads']} threads; torch {torch.__version__}",
+    print(f"bench: {describe(rt.hardware)}; {rt.threads} threads; torch {torch.__version__}",
           flush=True)
     for preset in args.presets:
-        for asked in args.precision or [p["runtime"]["precision"]]:
-            precision = runtime.resolve_precision(asked, device)
-            torch.manual_seed(training["seed"])
-            model = networks.FerCNN({**p["cnn"], "preset": preset}, training["crop"])
+        for asked in args.precision or [rt.precision_requested]:
+            timed = rt.with_precision(asked)
+            torch.manual_seed(training.seed)
+            model = networks.FerCNN({**p["cnn"], "preset": preset}, training.crop)
             n_params = networks.count_params(model)
             if args.compile:
                 model = torch.compile(model)
-            rate = images_per_second(model, faces, labels, training, rt, precision, args.steps)
+            rate = images_per_second(model, faces, labels, training, timed, args.steps)
             print(f"{preset}{' (compiled)' if args.compile else ''}: {n_params:,} parameters, "
                   f"{rate:.0f} training images/s "
-                  f"({device.type}, {rt['threads']} threads, {precision}"
-                  f"{' from auto' if asked == 'auto' else ''}, batch {training['batch_size']}); "
+                  f"({device.type}, {rt.threads} threads, {timed.precision}"
+                  f"{' from auto' if asked == 'auto' else ''}, batch {training.batch_size}); "
                   f"an epoch of {len(labels):,} faces ≈ {len(labels) / rate:.0f} s", flush=True)
 
 

@@ -21,15 +21,15 @@ from ferpipe.tools import synthetic
 from ferpipe.use import release
 
 
-def faces_per_second(model, faces, crop, tta, batch, precision="fp32", seconds=5.0, passes=3):
+def faces_per_second(model, faces, crop, tta, rt, seconds=5.0, passes=3):
     """Faces/s of the fastest of at least `passes` passes over `faces` (after a warm-up
     batch), passes going on for `seconds`: on a shared machine the fastest pass is the one
     least slowed by other work."""
-    infer.predict_proba(model, faces[:batch], crop, tta, batch, precision)
+    infer.predict_proba(model, faces[:rt.batch_size], crop, tta, rt)
     best, start, done = 0.0, time.perf_counter(), 0
     while done < passes or time.perf_counter() - start < seconds:
         t = time.perf_counter()
-        infer.predict_proba(model, faces, crop, tta, batch, precision)
+        infer.predict_proba(model, faces, crop, tta, rt)
         best, done = max(best, len(faces) / (time.perf_counter() - t)), done + 1
     return best
 
@@ -37,19 +37,18 @@ def faces_per_second(model, faces, crop, tta, batch, precision="fp32", seconds=5
 def measure(model_path, graph_path, faces, threads, ttas, batch, seconds=5.0):
     """Rows of backend, precision, threads, tta and faces/s."""
     net, ckpt = networks.load(model_path)
-    cpu = torch.device("cpu")
-    precisions = ["fp32"] + (["bf16"] if runtime.native_bf16(cpu) else [])
     rows = []
     for n in threads:
-        torch.set_num_threads(n)
+        fp32 = runtime.make("cpu", n, "fp32", batch)
+        auto = fp32.with_precision("auto")  # bf16 only where this CPU runs it natively
         graph = release.load_onnx(graph_path, n)[0] if graph_path else None
         for tta in ttas:
-            for precision in precisions:
-                rows.append(("torch", precision, n, tta, faces_per_second(
-                    net, faces, ckpt["input_size"], tta, batch, precision, seconds)))
+            for rt in [fp32] + ([auto] if auto.precision == "bf16" else []):
+                rows.append(("torch", rt.precision, n, tta, faces_per_second(
+                    net, faces, ckpt["input_size"], tta, rt, seconds)))
             if graph:
                 rows.append(("onnxruntime", "fp32", n, tta, faces_per_second(
-                    graph, faces, ckpt["input_size"], tta, batch, "fp32", seconds)))
+                    graph, faces, ckpt["input_size"], tta, fp32, seconds)))
     return rows
 
 

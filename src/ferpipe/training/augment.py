@@ -4,6 +4,7 @@ test-time views live in model/infer.py.
 Rotation, zoom, shift, random crop and horizontal flip are folded into one affine map per
 image, so a batch costs a single `grid_sample`.
 """
+import dataclasses
 import math
 
 import torch
@@ -23,6 +24,17 @@ SCHEMA = {
 CROP = integer(lo=8, hi=IMAGE_SIZE)
 
 
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """The `train.augment:` settings, as SCHEMA validated them (same fields, same order)."""
+    rotation: float
+    shift: float
+    zoom: float
+    hflip: bool
+    erasing: float
+    erasing_max_area: float
+
+
 def _rand(shape, gen, device):
     # Drawn from a CPU generator whatever the device, so a seed gives the same
     # augmentation on CPU and GPU, and its state can be checkpointed for resuming.
@@ -35,16 +47,16 @@ def _uniform(n, lo, hi, gen, device):
 
 def random_views(x, aug, crop, gen):
     """x: (N, 1, 48, 48) floats in [0, 1] -> (N, 1, crop, crop) randomly transformed, as the
-    `train.augment:` settings `aug` ask."""
+    `train.augment:` settings `aug` (an AugmentConfig) ask."""
     n, device = x.shape[0], x.device
-    angle = _uniform(n, -1, 1, gen, device) * math.radians(aug["rotation"])
-    scale = 1 + _uniform(n, -1, 1, gen, device) * aug["zoom"]
+    angle = _uniform(n, -1, 1, gen, device) * math.radians(aug.rotation)
+    scale = 1 + _uniform(n, -1, 1, gen, device) * aug.zoom
     flip = torch.ones(n, device=device)
-    if aug["hflip"]:
+    if aug.hflip:
         flip = torch.where(_rand(n, gen, device) < 0.5, -flip, flip)
     # Normalised coordinates span 2 units over 48 px: a random crop may slide by
     # (48 - crop) / 48 either way, and the shift adds 2 * shift on top.
-    reach = (IMAGE_SIZE - crop) / IMAGE_SIZE + 2 * aug["shift"]
+    reach = (IMAGE_SIZE - crop) / IMAGE_SIZE + 2 * aug.shift
     tx = _uniform(n, -1, 1, gen, device) * reach
     ty = _uniform(n, -1, 1, gen, device) * reach
     s = (crop / IMAGE_SIZE) / scale
@@ -53,8 +65,8 @@ def random_views(x, aug, crop, gen):
                          torch.stack([s * sin * flip, s * cos, ty], 1)], 1)
     grid = F.affine_grid(theta, (n, 1, crop, crop), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if aug["erasing"] > 0:
-        out = random_erasing(out, aug["erasing"], aug["erasing_max_area"], gen)
+    if aug.erasing > 0:
+        out = random_erasing(out, aug.erasing, aug.erasing_max_area, gen)
     return out
 
 

@@ -21,6 +21,7 @@ How the work is shared (train.Batches, train.fit):
 """
 import atexit
 import ctypes
+import dataclasses
 import os
 import signal
 import sys
@@ -77,8 +78,8 @@ def _die_with_launcher():
 def setup(settings):
     """runtime.setup for a training stage: relaunch under torchrun when `runtime.processes`
     asks for it; inside torchrun, join the process group (gloo, or NCCL with one GPU per
-    process) and silence every rank but 0. Returns the resolved run-time settings, with
-    `world_size` and `backend` under torchrun."""
+    process) and silence every rank but 0. Returns the runtime.Runtime of this process: under
+    torchrun its own GPU, the world size, the backend and its rank."""
     relaunch(settings["processes"], settings["threads"])
     if not launched():
         return runtime.setup(settings)
@@ -93,16 +94,17 @@ def setup(settings):
                                "processes per machine")
         torch.cuda.set_device(local)
     rt = runtime.setup(settings)
-    device = torch.device("cuda", local) if rt["device"].type == "cuda" else rt["device"]
+    device = torch.device("cuda", local) if rt.device.type == "cuda" else rt.device
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend)
     atexit.register(dist.destroy_process_group)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")  # progress lines come from rank 0 alone
     print(f"[distributed] {dist.get_world_size()} processes ({backend}), "
-          f"{rt['threads']} threads each", flush=True)
-    return {**rt, "device": device, "hardware": runtime.hardware(device),
-            "world_size": dist.get_world_size(), "backend": backend}
+          f"{rt.threads} threads each", flush=True)
+    return dataclasses.replace(rt, device=device, hardware=runtime.hardware(device),
+                               world_size=dist.get_world_size(), backend=backend,
+                               rank=dist.get_rank())
 
 
 # ---------------------------------------------------------------- training

@@ -10,6 +10,7 @@ Baseline and rounds share the architecture, the `train:` settings, the seed (so 
 initial weights in `scratch` mode) and the number of epochs; the self-trained model is the
 round with the best validation accuracy. Test accuracy is reported, never used to choose.
 """
+import dataclasses
 import hashlib
 import time
 from pathlib import Path, PurePosixPath
@@ -17,11 +18,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from ferpipe import files, paths, runtime
+from ferpipe import files, paths
 from ferpipe.constants import EMOTIONS, NUM_CLASSES
 from ferpipe.errors import FerPipeError
 from ferpipe.model import infer
-from ferpipe.params import boolean, choice, integer, number
+from ferpipe.params import boolean, choice, integer, number, section
 from ferpipe.training import distributed, live, train
 
 SCHEMA = {
@@ -40,6 +41,64 @@ SCHEMA = {
     "epochs": integer(lo=0),                    # baseline and rounds alike; 0 = train.epochs
     "tta": choice(*infer.TTA_MODES),                  # views averaged for pseudo-labels and scores
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfTrainConfig:
+    """The `self_train:` section, as SCHEMA validated it (same fields, same order)."""
+    unlabeled_fraction: float
+    seed: int
+    rounds: int
+    threshold: float
+    class_cap: float
+    include_unlabelled: bool
+    retrain: str
+    epochs: int
+    tta: str
+
+    @classmethod
+    def from_params(cls, values, where="self_train"):
+        """Validate a `self_train:` section (a dict, as in params.yaml) and build it."""
+        return cls(**section(SCHEMA)(values, where))
+
+
+@dataclasses.dataclass(frozen=True)
+class Faces:
+    """The faces of a self-training run: `labelled`, `val` and `test` are (faces, labels);
+    `pool` is (faces, hidden labels, -1 where unknown): the hidden labels only score the
+    pseudo-labels and never reach the trainer."""
+    labelled: tuple
+    pool: tuple
+    val: tuple
+    test: tuple
+
+
+@dataclasses.dataclass
+class SelfTrainResult:
+    """The baseline and the rounds. `training` is the TrainConfig every round used,
+    `runtime` the Runtime's record, `rounds` one row per round (0 = baseline),
+    `selected_round` the round validation chose, `state` its weights, `baseline_state`
+    round 0's; `labelled`, `pool` and `pool_scored` count faces (pool_scored: with a hidden
+    label); `pseudo_index` (into the pool) and `pseudo_labels` are the faces added, in order;
+    `resume_files` the round checkpoints to delete once written; `minutes` the time taken.
+    `run` adds `train_faces` (the training split) and `extra_unlabelled` (unlabelled faces
+    pooled)."""
+    training: train.TrainConfig
+    st: SelfTrainConfig
+    runtime: dict
+    rounds: list
+    selected_round: int
+    state: dict
+    baseline_state: dict
+    labelled: int
+    pool: int
+    pool_scored: int
+    pseudo_index: np.ndarray
+    pseudo_labels: np.ndarray
+    resume_files: list
+    minutes: float
+    train_faces: int | None = None
+    extra_unlabelled: int | None = None
 
 # Confidence levels at which each round also counts how many pool faces would be added and
 # how many of those pseudo-labels are right, so the threshold can be tuned without re-running.
@@ -142,7 +201,7 @@ def confidence_profile(probs, hidden, thresholds=PROFILE_THRESHOLDS):
 def round_config(training, st):
     """The train settings used by the baseline and every round: self_train.epochs, when not
     0, replaces train.epochs for all of them, so the comparison stays fair."""
-    return {**training, "epochs": st["epochs"] or training["epochs"]}
+    return dataclasses.replace(training, epochs=st.epochs or training.epochs)
 
 
 def _accuracy(probs, labels):
@@ -163,25 +222,26 @@ class Rounds:
     """What the baseline and every round share: building a model, training it (resumably),
     predicting with the self_train views and scoring on validation and test."""
 
-    def __init__(self, new_model, training, st, rt, val, test, labelled_y, resume_prefix):
+    def __init__(self, new_model, training, st, rt, faces, resume_prefix):
         self.new_model, self.training, self.st, self.rt = new_model, training, st, rt
-        self.val, self.test, self.labelled_y = val, test, labelled_y
+        self.val, self.test = faces.val, faces.test
+        self.labelled_y = np.asarray(faces.labelled[1]).astype(np.int64)
         self.resume_prefix, self.resume_files = resume_prefix, []
 
     def fresh(self):
-        torch.manual_seed(self.training["seed"])  # the same initial weights every time
+        torch.manual_seed(self.training.seed)  # the same initial weights every time
         return self.new_model()
 
     def predict(self, model, x):
         # Under torchrun each rank predicts its share of the faces; all get every prediction.
         return distributed.map_rows(
-            lambda part: infer.predict(model, part, self.training["crop"], self.st["tta"], self.rt), x)
+            lambda part: infer.predict(model, part, self.training.crop, self.st.tta, self.rt), x)
 
     def fit(self, r, model, x, y, chosen, labels):
         """Train round r (0 = baseline) in place, keep its best weights; returns them and
         the training record."""
         name = "self_train baseline" if r == 0 else f"self_train round {r}"
-        run_id = train.fingerprint("self_train", r, self.training, self.st["retrain"],
+        run_id = train.fingerprint("self_train", r, self.training, self.st.retrain,
                                    self.labelled_y, chosen, labels, x[:, ::7, ::7], self.val[1],
                                    _weights_digest(model))
         checkpoint = None
@@ -189,8 +249,8 @@ class Rounds:
             path = f"{self.resume_prefix}.round{r}.resume.pt"
             self.resume_files.append(path)
             checkpoint = train.Checkpoint(path, run_id)
-        best, _, record = train.fit(model, (x, y), self.val, self.training, self.rt, name,
-                                    checkpoint)
+        best, _, record = train.fit(model, (x, y), self.val, self.training, self.rt,
+                                    train.Tracking(name, checkpoint))
         model.load_state_dict(best)
         return best, record
 
@@ -210,7 +270,7 @@ def _trained_row(record, train_size, accuracies):
 def pseudo_label_round(r, probs, pool_idx, hidden_y, st, room):
     """Choose round r's pseudo-labels among the pool faces `pool_idx` (predicted `probs`);
     returns (pool indices added, their labels, the round's row of statistics)."""
-    sel, labels, conf = select_pseudo_labels(probs, st["threshold"], room)
+    sel, labels, conf = select_pseudo_labels(probs, st.threshold, room)
     new = pool_idx[sel]
     stats = score_pseudo_labels(labels, hidden_y[new])
     row = {"round": r, "pool_before": int(len(pool_idx)),
@@ -230,35 +290,30 @@ def _nothing_to_add(room, pool_size, threshold):
             "within the class caps")
 
 
-def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_prefix=None,
-               live_dir=None):
-    """The baseline and the self-training rounds. Returns a result dict (see `metrics`).
-
-    `labelled`, `val` and `test` are (faces, labels); `pool` is (faces, hidden labels, -1
-    where unknown): the hidden labels only score the pseudo-labels (score_pseudo_labels,
-    confidence_profile) and never reach the trainer. new_model() builds a model; it is
-    called after seeding torch with train.seed, so the baseline and every `scratch` round
-    start from the same weights. `training` is the `train:` section (self_train.epochs is
-    applied here), `rt` the resolved run-time settings (runtime.setup). `resume_prefix`
-    names per-round checkpoints, so a killed run resumes where it stopped; `live_dir` the
-    DVCLive folder every round is logged to (step = round; a resumed run replays its
-    finished rounds from their checkpoints, so the log is started afresh)."""
+def self_train(new_model, faces, training, st, rt, run_files=train.RunFiles()):
+    """The baseline and the self-training rounds on `faces` (Faces); returns a
+    SelfTrainResult. new_model() builds a model; it is called after seeding torch with
+    train.seed, so the baseline and every `scratch` round start from the same weights.
+    self_train.epochs is applied here to the TrainConfig `training`. `run_files.resume` is the
+    prefix of the per-round checkpoints, so a killed run resumes where it stopped;
+    `run_files.live` the DVCLive folder every round is logged to (step = round; a resumed run
+    replays its finished rounds from their checkpoints, so the log is started afresh)."""
     training = round_config(training, st)
-    note = threshold_note(training["label_smoothing"], st["threshold"])
+    note = threshold_note(training.label_smoothing, st.threshold)
     if note:
         print(f"[self_train] note: {note}", flush=True)
-    labelled_x, labelled_y = labelled[0], np.asarray(labelled[1]).astype(np.int64)
-    pool_x, hidden_y = pool[0], np.asarray(pool[1]).astype(np.int64)
+    labelled_x, labelled_y = faces.labelled[0], np.asarray(faces.labelled[1]).astype(np.int64)
+    pool_x, hidden_y = faces.pool[0], np.asarray(faces.pool[1]).astype(np.int64)
     if len(pool_x) != len(hidden_y):
         raise ValueError("pool_x and hidden_y differ in length")
     t_start = time.perf_counter()
-    rounds_of = Rounds(new_model, training, st, rt, val, test, labelled_y, resume_prefix)
+    rounds_of = Rounds(new_model, training, st, rt, faces, run_files.resume)
     in_pool = np.ones(len(pool_x), bool)
     chosen = np.zeros(0, np.int64)          # pool indices pseudo-labelled so far, in order added
     pseudo = np.zeros(0, np.int64)          # their predicted labels
     labelled_counts = np.bincount(labelled_y, minlength=NUM_CLASSES)
 
-    steps = live.Steps(live_dir, live.ROUND_METRICS).start() if live_dir else None
+    steps = live.Steps(run_files.live, live.ROUND_METRICS).start() if run_files.live else None
     model = rounds_of.fresh()
     best, record = rounds_of.fit(0, model, labelled_x, labelled_y, chosen, pseudo)
     states = {0: best}
@@ -271,15 +326,15 @@ def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_pr
           f"val {_fmt(rounds[0]['val_accuracy'])}, test {_fmt(rounds[0]['test_accuracy'])}",
           flush=True)
 
-    for r in range(1, st["rounds"] + 1):
+    for r in range(1, st.rounds + 1):
         pool_idx = np.flatnonzero(in_pool)
-        room = cap_room(st["class_cap"], labelled_counts, np.bincount(pseudo, minlength=NUM_CLASSES))
+        room = cap_room(st.class_cap, labelled_counts, np.bincount(pseudo, minlength=NUM_CLASSES))
         new, labels, row = pseudo_label_round(r, rounds_of.predict(model, pool_x[pool_idx]),
                                               pool_idx, hidden_y, st, room)
         if len(new) == 0:
             # The training set would be unchanged, so would the model and its predictions: stop.
             print(f"[self_train] round {r}: nothing to add: "
-                  f"{_nothing_to_add(room, len(pool_idx), st['threshold'])}; stopping", flush=True)
+                  f"{_nothing_to_add(room, len(pool_idx), st.threshold)}; stopping", flush=True)
             rounds.append({**row, "skipped": True, "train_size": rounds[-1]["train_size"],
                            "val_accuracy": rounds[-1]["val_accuracy"],
                            "test_accuracy": rounds[-1]["test_accuracy"]})
@@ -294,7 +349,7 @@ def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_pr
         print(f"[self_train] round {r}: pool {len(pool_idx)}, added {len(new)} "
               f"(pseudo-label accuracy {_fmt(row['pseudo_label_accuracy'])} on {row['scored']} "
               f"scored), training on {len(y)} faces", flush=True)
-        if st["retrain"] == "scratch":
+        if st.retrain == "scratch":
             model = rounds_of.fresh()
         states[r], record = rounds_of.fit(r, model, x, y, chosen, pseudo)
         total = score_pseudo_labels(pseudo, hidden_y[chosen])
@@ -308,15 +363,14 @@ def self_train(new_model, labelled, pool, val, test, training, st, rt, resume_pr
               f"test {_fmt(rounds[-1]['test_accuracy'])}", flush=True)
 
     if steps and distributed.is_main():
-        _declare_unlogged(live_dir)
+        _declare_unlogged(run_files.live)
     pick = select_round(rounds)
-    return {"training": training, "st": st, "runtime": runtime.record(rt), "rounds": rounds,
-            "selected_round": pick, "state": states[pick], "baseline_state": states[0],
-            "labelled": int(len(labelled_y)), "pool": int(len(pool_x)),
-            "pool_scored": int((hidden_y >= 0).sum()),
-            "pseudo_index": chosen, "pseudo_labels": pseudo,
-            "resume_files": rounds_of.resume_files,
-            "minutes": (time.perf_counter() - t_start) / 60}
+    return SelfTrainResult(
+        training=training, st=st, runtime=rt.record(), rounds=rounds, selected_round=pick,
+        state=states[pick], baseline_state=states[0], labelled=int(len(labelled_y)),
+        pool=int(len(pool_x)), pool_scored=int((hidden_y >= 0).sum()), pseudo_index=chosen,
+        pseudo_labels=pseudo, resume_files=rounds_of.resume_files,
+        minutes=(time.perf_counter() - t_start) / 60)
 
 
 def _declare_unlogged(live_dir):
@@ -348,10 +402,10 @@ def _fmt(acc):
     return "n/a" if acc is None else f"{acc:.4f}"
 
 
-def run(new_model, splits, training, st, rt, resume_prefix=None, source=paths.SPLITS,
-        live_dir=None):
-    """Hide labels in the training split, assemble the pool, run `self_train`. `source`
-    names the splits file in messages; `live_dir` is the DVCLive folder of the rounds."""
+def run(new_model, splits, training, st, rt, run_files=train.RunFiles()):
+    """Hide labels in the training split (the arrays of paths.SPLITS), assemble the pool,
+    run `self_train`; `run_files` as there."""
+    source = paths.SPLITS
     for key in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
         if key not in splits:
             raise FerPipeError(f"{source}: has no '{key}' array; run the split stage "
@@ -359,27 +413,27 @@ def run(new_model, splits, training, st, rt, resume_prefix=None, source=paths.SP
     train_x, train_y = splits["train_x"], splits["train_y"].astype(np.int64)
     if len(train_y) == 0:
         raise FerPipeError(f"{source}: the training split is empty")
-    labelled, hidden = hide_labels(train_y, st["unlabeled_fraction"], st["seed"])
+    labelled, hidden = hide_labels(train_y, st.unlabeled_fraction, st.seed)
     pool_x, hidden_y = train_x[hidden], train_y[hidden]
     extra = splits.get("unlabelled_x", np.zeros((0,) + train_x.shape[1:], np.uint8))
-    n_extra = len(extra) if st["include_unlabelled"] else 0
+    n_extra = len(extra) if st.include_unlabelled else 0
     if n_extra:
         pool_x = np.concatenate([pool_x, extra])
         hidden_y = np.concatenate([hidden_y, np.full(n_extra, -1, np.int64)])
     print(f"[self_train] {len(labelled)} of {len(train_y)} training faces keep their labels "
           f"({len(labelled) / len(train_y):.1%}); pool: {len(hidden)} with hidden labels"
           + (f" + {n_extra} unlabelled" if n_extra else ""), flush=True)
-    result = self_train(new_model, (train_x[labelled], train_y[labelled]), (pool_x, hidden_y),
-                        (splits["val_x"], splits["val_y"].astype(np.int64)),
-                        (splits["test_x"], splits["test_y"].astype(np.int64)),
-                        training, st, rt, resume_prefix, live_dir)
-    result.update(train_faces=int(len(train_y)), extra_unlabelled=int(n_extra))
+    faces = Faces(labelled=(train_x[labelled], train_y[labelled]), pool=(pool_x, hidden_y),
+                  val=(splits["val_x"], splits["val_y"].astype(np.int64)),
+                  test=(splits["test_x"], splits["test_y"].astype(np.int64)))
+    result = self_train(new_model, faces, training, st, rt, run_files)
+    result.train_faces, result.extra_unlabelled = int(len(train_y)), int(n_extra)
     return result
 
 
 def metrics(result):
     """The metrics/self_train.json content."""
-    rounds, pick = result["rounds"], result["selected_round"]
+    rounds, pick = result.rounds, result.selected_round
     base, sel = rounds[0], next(r for r in rounds if r["round"] == pick)
 
     def gain(key):
@@ -387,14 +441,14 @@ def metrics(result):
             return None
         return sel[key] - base[key]
 
-    st, training = result["st"], result["training"]
+    st, training = result.st, result.training
     return {
-        "labelled_fraction": result["labelled"] / result["train_faces"],
-        "labelled": result["labelled"],
-        "pool": result["pool"],
-        "pool_with_hidden_labels": result["pool_scored"],
-        "extra_unlabelled": result["extra_unlabelled"],
-        "settings": {**st, "epochs": training["epochs"]},
+        "labelled_fraction": result.labelled / result.train_faces,
+        "labelled": result.labelled,
+        "pool": result.pool,
+        "pool_with_hidden_labels": result.pool_scored,
+        "extra_unlabelled": result.extra_unlabelled,
+        "settings": {**dataclasses.asdict(st), "epochs": training.epochs},
         "baseline": {"val": {"accuracy": base["val_accuracy"]},
                      "test": {"accuracy": base["test_accuracy"]},
                      "train_size": base["train_size"], "best_epoch": base["best_epoch"]},
@@ -405,8 +459,8 @@ def metrics(result):
                          "pseudo_label_accuracy": sel.get("pseudo_label_accuracy_total")},
         "gain": gain("test_accuracy"),       # test (PublicTest) accuracy, self-trained - baseline
         "val_gain": gain("val_accuracy"),    # optimistic: validation also chose the round
-        "minutes": result["minutes"],
-        **result["runtime"],
+        "minutes": result.minutes,
+        **result.runtime,
         "rounds": rounds,
     }
 
@@ -428,15 +482,15 @@ def rounds_table(result):
     """One row per round (0 = baseline) for plots/self_train.csv; unknown values are empty."""
     import pandas as pd
 
-    return pd.DataFrame([{k: row[k] for k in ROUND_COLUMNS} for row in result["rounds"]],
+    return pd.DataFrame([{k: row[k] for k in ROUND_COLUMNS} for row in result.rounds],
                         columns=list(ROUND_COLUMNS))
 
 
 def checkpoint_meta(result):
     """The `meta` saved with models/self_train.pt (keys as train.run writes, plus the round)."""
-    pick = result["selected_round"]
-    sel = next(r for r in result["rounds"] if r["round"] == pick)
+    pick = result.selected_round
+    sel = next(r for r in result.rounds if r["round"] == pick)
     return {"best_epoch": sel["best_epoch"], "best_val_accuracy": sel["best_val_accuracy"],
-            "val_accuracy": sel["val_accuracy"], "crop": result["training"]["crop"],
-            "precision": result["runtime"]["precision"], "self_train_round": pick,
-            "labelled_fraction": result["labelled"] / result["train_faces"]}
+            "val_accuracy": sel["val_accuracy"], "crop": result.training.crop,
+            "precision": result.runtime["precision"], "self_train_round": pick,
+            "labelled_fraction": result.labelled / result.train_faces}

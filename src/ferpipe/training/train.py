@@ -9,17 +9,18 @@ one would. Under torchrun the same loop trains data-parallel: distributed.py say
 batches, batch norm, validation and writing are shared between the processes.
 """
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ferpipe import runtime
 from ferpipe.constants import NUM_CLASSES
 from ferpipe.errors import FerPipeError
 from ferpipe.files import load_torch, save_torch
@@ -51,6 +52,38 @@ SCHEMA = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The `train:` section, as SCHEMA validated it. Same fields in the same order, so
+    dataclasses.asdict gives back the section's dict (what a run's fingerprint hashes)."""
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    schedule: str
+    warmup_epochs: float
+    step_epochs: int
+    step_gamma: float
+    label_smoothing: float
+    class_weights: str
+    mixup_alpha: float
+    cutmix_alpha: float
+    ema_decay: float
+    early_stopping: int
+    seed: int
+    crop: int
+    augment: augment.AugmentConfig
+
+    @classmethod
+    def from_params(cls, values, where="train"):
+        """Validate a `train:` section (a dict, as in params.yaml) and build it."""
+        values = section(SCHEMA)(values, where)
+        return cls(**{**values, "augment": augment.AugmentConfig(**values["augment"])})
+
+
 # ---------------------------------------------------------------- the pieces of one step
 
 def class_weights(labels, mode):
@@ -64,11 +97,11 @@ def class_weights(labels, mode):
 
 
 def make_loss(labels, training, device):
-    """Cross-entropy with the class weights and label smoothing of `training` (the `train:`
-    section), over the two label sets a mixed batch carries."""
-    weight = class_weights(labels, training["class_weights"])
+    """Cross-entropy with the class weights and label smoothing of `training` (a
+    TrainConfig), over the two label sets a mixed batch carries."""
+    weight = class_weights(labels, training.class_weights)
     weight = weight.to(device) if weight is not None else None
-    smoothing = training["label_smoothing"]
+    smoothing = training.label_smoothing
 
     def loss(logits, y_a, y_b, lam):
         out = lam * F.cross_entropy(logits, y_a, weight=weight, label_smoothing=smoothing)
@@ -83,12 +116,12 @@ def make_optimizer(model, training):
     # Weight decay on weights only: decaying biases and norm scales just hurts.
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": training["weight_decay"]},
+    groups = [{"params": decay, "weight_decay": training.weight_decay},
               {"params": rest, "weight_decay": 0.0}]
-    name, lr = training["optimizer"], training["lr"]
+    name, lr = training.optimizer, training.lr
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=training["momentum"],
-                               nesterov=training["nesterov"] and training["momentum"] > 0)
+        return torch.optim.SGD(groups, lr=lr, momentum=training.momentum,
+                               nesterov=training.nesterov and training.momentum > 0)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     if name == "adamw":
@@ -97,22 +130,22 @@ def make_optimizer(model, training):
 
 
 def make_schedule(opt, training, steps_per_epoch):
-    total = training["epochs"] * steps_per_epoch
-    warm = min(int(training["warmup_epochs"] * steps_per_epoch), total - 1)
-    if training["schedule"] == "onecycle" and total >= 3:
+    total = training.epochs * steps_per_epoch
+    warm = min(int(training.warmup_epochs * steps_per_epoch), total - 1)
+    if training.schedule == "onecycle" and total >= 3:
         # OneCycleLR divides by the length of each phase: both need at least one step.
         warm = min(max(warm, 2), total - 1)
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=training["lr"], total_steps=total, pct_start=warm / total,
-            cycle_momentum=training["optimizer"] == "sgd" and training["momentum"] > 0)
-    if training["schedule"] == "cosine":
+            opt, max_lr=training.lr, total_steps=total, pct_start=warm / total,
+            cycle_momentum=training.optimizer == "sgd" and training.momentum > 0)
+    if training.schedule == "cosine":
         def factor(step):
             if step < warm:
                 return (step + 1) / warm
             return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-    elif training["schedule"] == "step":
+    elif training.schedule == "step":
         def factor(step):
-            return training["step_gamma"] ** (step // (training["step_epochs"] * steps_per_epoch))
+            return training.step_gamma ** (step // (training.step_epochs * steps_per_epoch))
     else:
         def factor(step):
             return 1.0
@@ -121,11 +154,12 @@ def make_schedule(opt, training, steps_per_epoch):
 
 def mix_batch(x, y, training, gen):
     """Mixup or CutMix (chosen at random when both are on); returns x, y_a, y_b, lam."""
-    modes = [m for m in ("mixup", "cutmix") if training[f"{m}_alpha"] > 0]
+    alphas = {"mixup": training.mixup_alpha, "cutmix": training.cutmix_alpha}
+    modes = [m for m, a in alphas.items() if a > 0]
     if not modes:
         return x, y, y, 1.0
     mode = modes[int(torch.randint(len(modes), (1,), generator=gen))]
-    alpha = training[f"{mode}_alpha"]
+    alpha = alphas[mode]
     # torch's Beta sampler ignores generators; seed numpy's from ours to stay resumable.
     lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen))).beta(alpha, alpha))
     perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
@@ -150,7 +184,7 @@ class Batches:
     def __init__(self, images, labels, training, gen, device):
         self.x = torch.as_tensor(images).to(device)
         self.y = torch.as_tensor(labels.astype(np.int64)).to(device)
-        self.training, self.gen, self.size = training, gen, training["batch_size"]
+        self.training, self.gen, self.size = training, gen, training.batch_size
         self.steps = max(1, len(labels) // self.size)
         self.part = distributed.batch_part(self.size)
 
@@ -165,7 +199,7 @@ class Batches:
     def batch(self, idx):
         """(x, y_a, y_b, lam) for the faces at `idx`."""
         x = augment.random_views(self.x[idx].unsqueeze(1).float().div_(255.0),
-                                 self.training["augment"], self.training["crop"], self.gen)
+                                 self.training.augment, self.training.crop, self.gen)
         x, y_a, y_b, lam = mix_batch(x, self.y[idx], self.training, self.gen)
         return x[self.part], y_a[self.part], y_b[self.part], lam
 
@@ -191,17 +225,27 @@ class EMA:
                 avg.copy_(current)  # BN's batch counter
 
 
-def train_step(model, batch, opt, sched, loss_fn, precision, device):
+@dataclasses.dataclass
+class Learner:
+    """What a step changes besides the model: the optimiser, its schedule, the loss and the
+    weight average (None when train.ema_decay is 0)."""
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: object
+    ema: EMA | None
+
+
+def train_step(model, batch, learner, rt):
     """One optimiser step on one batch; returns (loss, logits), both detached."""
     x, y_a, y_b, lam = batch
-    with autocast(device, precision):
+    with autocast(rt.device, rt.precision):
         logits = model(channels_last(x))
     logits = logits.float()
-    loss = loss_fn(logits, y_a, y_b, lam)
-    opt.zero_grad(set_to_none=True)
+    loss = learner.loss_fn(logits, y_a, y_b, lam)
+    learner.opt.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
-    sched.step()
+    learner.opt.step()
+    learner.sched.step()
     return loss.detach(), logits.detach()
 
 
@@ -211,19 +255,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_one_epoch(model, batches, opt, sched, loss_fn, ema, rt, epoch, say):
+def train_one_epoch(model, batches, learner, rt, epoch, say):
     """One pass over the batches; returns the epoch's training loss, accuracy and timings."""
     model.train()
-    device = rt["device"]
+    device = rt.device
     t0 = last_log = time.perf_counter()
     compute = loss_sum = 0.0
     correct = seen = 0
     for step, batch in enumerate(batches):
         sync(device)
         tc = time.perf_counter()
-        loss, logits = train_step(model, batch, opt, sched, loss_fn, rt["precision"], device)
-        if ema is not None:
-            ema.update((epoch - 1) * len(batches) + step)
+        loss, logits = train_step(model, batch, learner, rt)
+        if learner.ema is not None:
+            learner.ema.update((epoch - 1) * len(batches) + step)
         sync(device)
         compute += time.perf_counter() - tc
         y = batch[1]
@@ -231,7 +275,7 @@ def train_one_epoch(model, batches, opt, sched, loss_fn, ema, rt, epoch, say):
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
         now = time.perf_counter()
-        if now - last_log >= rt["log_seconds"]:
+        if now - last_log >= rt.log_seconds:
             left = (now - t0) / (step + 1) * (len(batches) - step - 1)
             say(f"batch {step + 1}/{len(batches)} loss {loss_sum / seen:.4f} "
                 f"acc {correct / seen:.4f} epoch left {left:.0f}s")
@@ -246,8 +290,7 @@ def train_one_epoch(model, batches, opt, sched, loss_fn, ema, rt, epoch, say):
 
 def score(model, x, y, crop, rt):
     """Single-crop loss and accuracy (the faces shared among the processes under torchrun)."""
-    probs = distributed.map_rows(lambda part: predict_proba(
-        model, part, crop, "none", rt["batch_size"], rt["precision"], rt["device"]), x)
+    probs = distributed.map_rows(lambda part: predict_proba(model, part, crop, "none", rt), x)
     y_t = torch.as_tensor(y.astype(np.int64))
     loss = float(F.nll_loss(torch.log(torch.as_tensor(probs).clamp_min(1e-12)), y_t))
     return loss, float((probs.argmax(1) == y).mean())
@@ -285,6 +328,8 @@ def fingerprint(*parts):
     """Identifies a run's inputs, so a checkpoint from other params or data is never resumed."""
     h = hashlib.sha256()
     for p in parts:
+        if dataclasses.is_dataclass(p):
+            p = dataclasses.asdict(p)  # the section's dict, as params.yaml gave it
         h.update(p.tobytes() if isinstance(p, np.ndarray) else json.dumps(p, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -322,7 +367,7 @@ class Checkpoint:
                                "to train from the start")
         return ckpt
 
-    def restore(self, model, ema, opt, sched, gen, say):
+    def restore(self, model, learner, gen, say):
         """Load a checkpoint of this run into the given objects; its state, or None."""
         ckpt = distributed.from_main(self.read)
         if ckpt is None:
@@ -331,10 +376,10 @@ class Checkpoint:
             say(f"ignoring {self.path}: it belongs to other params or data")
             return None
         model.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema.model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+        if learner.ema is not None:
+            learner.ema.model.load_state_dict(ckpt["ema"])
+        learner.opt.load_state_dict(ckpt["optimizer"])
+        learner.sched.load_state_dict(ckpt["scheduler"])
         gen.set_state(ckpt["gen"])
         ranks, rank = ckpt.get("ranks", [ckpt]), distributed.rank()
         if len(ranks) != distributed.world_size():
@@ -345,55 +390,65 @@ class Checkpoint:
         say(f"resuming from the checkpoint after epoch {ckpt['state']['epoch']} ({self.path})")
         return ckpt["state"]
 
-    def save(self, model, ema, opt, sched, gen, state):
+    def save(self, model, learner, gen, state):
         ranks = distributed.all_gather(rank_random_states(device_of(model)))
         if not distributed.is_main():
             return
         save_torch(self.path, {
             "run_id": self.run_id, "model": model.state_dict(),
-            "ema": ema.model.state_dict() if ema is not None else None,
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "ema": learner.ema.model.state_dict() if learner.ema is not None else None,
+            "optimizer": learner.opt.state_dict(), "scheduler": learner.sched.state_dict(),
             "gen": gen.get_state(), **ranks[0], **({"ranks": ranks} if len(ranks) > 1 else {}),
             "state": state})
 
 
 # ---------------------------------------------------------------- the loop
 
-def fit(model, train, val, training, rt, name, checkpoint=None, steps=None):
+@dataclasses.dataclass(frozen=True)
+class Tracking:
+    """How one fit is followed: `name` heads its progress lines, `checkpoint` (a Checkpoint)
+    is saved after every epoch and resumed from, `steps` (a live.Steps) logs every epoch
+    through DVCLive."""
+    name: str
+    checkpoint: Checkpoint | None = None
+    steps: live.Steps | None = None
+
+
+def fit(model, train, val, training, rt, tracking):
     """Train `model` in place on `train` = (faces, labels), scoring on `val` every epoch.
-    Returns (best-on-validation state dict, history rows, record). `training` is the
-    `train:` section, `rt` the resolved run-time settings (runtime.setup), `checkpoint` a
-    `Checkpoint` to save to after every epoch and resume from, `steps` a `live.Steps` that
-    logs every epoch through DVCLive."""
+    Returns (best-on-validation state dict, history rows, record). `training` is a
+    TrainConfig, `rt` the runtime.Runtime of this process, `tracking` a Tracking."""
+    name, checkpoint, steps = tracking.name, tracking.checkpoint, tracking.steps
+
     def say(text):
         print(f"[{name}] {text}", flush=True)
 
-    device = rt["device"]
+    device = rt.device
     model.norm.mean.fill_(float(train[0].mean()) / 255.0)
     model.norm.std.fill_(float(train[0].std()) / 255.0)
     model.to(device).to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
-    gen = torch.Generator().manual_seed(training["seed"])
+    gen = torch.Generator().manual_seed(training.seed)
     batches = Batches(*train, training, gen, device)
     opt = make_optimizer(model, training)
     sched = make_schedule(opt, training, len(batches))
-    if training["schedule"] in ("cosine", "onecycle") and training["warmup_epochs"] >= training["epochs"]:
-        say(f"warning: train.warmup_epochs ({training['warmup_epochs']}) >= train.epochs "
-            f"({training['epochs']}): the learning rate never leaves its warm-up and the run "
+    if training.schedule in ("cosine", "onecycle") and training.warmup_epochs >= training.epochs:
+        say(f"warning: train.warmup_epochs ({training.warmup_epochs}) >= train.epochs "
+            f"({training.epochs}): the learning rate never leaves its warm-up and the run "
             "ends near its peak; lower train.warmup_epochs for a run this short")
-    loss_fn = make_loss(train[1], training, device)
-    ema = EMA(model, training["ema_decay"]) if training["ema_decay"] > 0 else None
+    ema = EMA(model, training.ema_decay) if training.ema_decay > 0 else None
+    learner = Learner(opt, sched, make_loss(train[1], training, device), ema)
     net = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
-    distributed.seed_rank(training["seed"])
-    state = (checkpoint and checkpoint.restore(model, ema, opt, sched, gen, say)) or new_state()
+    distributed.seed_rank(training.seed)
+    state = (checkpoint and checkpoint.restore(model, learner, gen, say)) or new_state()
     if steps:
         steps.start([{"step": h["epoch"], **h} for h in state["history"]])
 
-    for epoch in range(state["epoch"] + 1, training["epochs"] + 1):
+    for epoch in range(state["epoch"] + 1, training.epochs + 1):
         t0 = time.perf_counter()
-        tr = train_one_epoch(net, batches, opt, sched, loss_fn, ema, rt, epoch,
-                             lambda text: say(f"epoch {epoch}/{training['epochs']} {text}"))
+        tr = train_one_epoch(net, batches, learner, rt, epoch,
+                             lambda text: say(f"epoch {epoch}/{training.epochs} {text}"))
         distributed.sync_buffers(model, ema and ema.model)
-        row, best_net, best_acc = validate(model, ema, val, training["crop"], rt)
+        row, best_net, best_acc = validate(model, ema, val, training.crop, rt)
         state["history"].append({
             "epoch": epoch, "train_loss": tr["train_loss"], "train_accuracy": tr["train_accuracy"],
             **row, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
@@ -404,12 +459,12 @@ def fit(model, train, val, training, rt, name, checkpoint=None, steps=None):
         state["train_seconds"] += tr["train_seconds"]
         state["compute_seconds"] += tr["compute_seconds"]
         keep_best(state, best_net, best_acc, epoch, ema)
-        say(epoch_line(state, training["epochs"]))
-        stop = training["early_stopping"] and state["bad_epochs"] >= training["early_stopping"]
+        say(epoch_line(state, training.epochs))
+        stop = training.early_stopping and state["bad_epochs"] >= training.early_stopping
         if checkpoint:
-            checkpoint.save(model, ema, opt, sched, gen, state)
+            checkpoint.save(model, learner, gen, state)
         if stop:
-            say(f"early stop: no better validation accuracy for {training['early_stopping']} epochs")
+            say(f"early stop: no better validation accuracy for {training.early_stopping} epochs")
             break
 
     if state["best_state"] is None:
@@ -434,9 +489,9 @@ def fit_record(state, training, steps_per_epoch, device):
         "best_val_accuracy": state["best_acc"],
         "best_epoch": state["best_epoch"],
         "epochs": len(hist),
-        "stopped_early": len(hist) < training["epochs"],
+        "stopped_early": len(hist) < training.epochs,
         "seconds_per_epoch": sum(h["seconds"] for h in hist) / len(hist),
-        "images_per_second": steps_per_epoch * training["batch_size"] * len(hist) / state["train_seconds"],
+        "images_per_second": steps_per_epoch * training.batch_size * len(hist) / state["train_seconds"],
         "train_minutes": sum(h["seconds"] for h in hist) / 60,
         "data_time_share": 1 - state["compute_seconds"] / state["train_seconds"],
         "device": device.type,
@@ -450,57 +505,85 @@ def fit_record(state, training, steps_per_epoch, device):
 
 # ---------------------------------------------------------------- a training stage
 
-def run(kind, make_model, config, splits, training, rt, resume_path=None, members=1,
-        live_dir=None):
-    """Everything a training stage computes: build, summarise, fit. With members > 1 it
-    trains that many networks, seeded train.seed, train.seed + 1, ..., as one ensemble whose
-    prediction averages their probabilities. Returns a dict: `checkpoint` (for models/),
-    `metrics`, `history` (rows; an ensemble's first member), `summary` (the layer table),
-    `resume_files` (to delete once the outputs are written). `live_dir`: the DVCLive folder
-    the first network's epochs are logged to."""
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """What a training stage trains: its kind (cnn or dnn), its architecture (saved in the
+    checkpoint and part of the run's fingerprint) and `build()`, a fresh network."""
+    kind: str
+    config: dict
+    build: Callable[[], torch.nn.Module]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFiles:
+    """Where a training stage keeps its run going: `resume`, the checkpoint saved after
+    every epoch and resumed from (self_train: the prefix of one per round; None: no
+    resuming); `live`, the DVCLive folder the epochs (self_train: rounds) are logged to
+    (None: no log)."""
+    resume: str | None = None
+    live: str | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a training stage writes: `checkpoint` (for models/), `metrics`, `history` (one
+    row per epoch; an ensemble's first member), `summary` (the layer table), and
+    `resume_files`, to delete once the outputs are written."""
+    checkpoint: dict
+    metrics: dict
+    history: list
+    summary: str
+    resume_files: list
+
+
+def run(net, splits, training, rt, members=1, run_files=RunFiles()):
+    """Everything a training stage computes: build, summarise, fit `net` (a Network) with
+    the TrainConfig `training`. With members > 1 it trains that many networks, seeded
+    train.seed, train.seed + 1, ..., as one ensemble whose prediction averages their
+    probabilities. Returns a TrainResult."""
     from ferpipe.model.networks import Ensemble, checkpoint, count_params, format_summary, summary
 
+    kind, resume_path = net.kind, run_files.resume
     nets, hists, records, resumes = [], [], [], []
     for i in range(members):
-        member = {**training, "seed": training["seed"] + i}
-        torch.manual_seed(member["seed"])  # before building: it fixes the initial weights
-        model = make_model()
+        member = dataclasses.replace(training, seed=training.seed + i)
+        torch.manual_seed(member.seed)  # before building: it fixes the initial weights
+        model = net.build()
         if i == 0:
             n_params = count_params(model)
-            table = format_summary(summary(model, training["crop"]),
+            table = format_summary(summary(model, training.crop),
                                    f"{kind.upper()} ({n_params:,} parameters, "
-                                   f"input 1x{training['crop']}x{training['crop']})")
+                                   f"input 1x{training.crop}x{training.crop})")
             if members > 1:
                 table += (f"ensemble of {members} such networks, seeds "
-                          f"{training['seed']}..{training['seed'] + members - 1}\n")
+                          f"{training.seed}..{training.seed + members - 1}\n")
             print(table, flush=True)
         # Every member keeps its own checkpoint until all are done, so a killed ensemble
         # resumes inside the member it was training and never retrains a finished one.
         resume = resume_path and (resume_path if i == 0 else
                                   str(Path(resume_path).with_suffix(f".{i + 1}.pt")))
-        run_id = fingerprint(kind, config, member, splits["train_y"], splits["val_y"],
+        run_id = fingerprint(kind, net.config, member, splits["train_y"], splits["val_y"],
                              splits["train_x"][:, ::7, ::7])
         name = kind if members == 1 else f"{kind} {i + 1}/{members}"
         best, hist, record = fit(model, (splits["train_x"], splits["train_y"]),
-                                 (splits["val_x"], splits["val_y"]), member, rt, name,
-                                 Checkpoint(resume, run_id) if resume else None,
-                                 live.Steps(live_dir, live.epoch_metrics(kind))
-                                 if live_dir and i == 0 else None)
+                                 (splits["val_x"], splits["val_y"]), member, rt, Tracking(
+                                     name, Checkpoint(resume, run_id) if resume else None,
+                                     live.Steps(run_files.live, live.epoch_metrics(kind))
+                                     if run_files.live and i == 0 else None))
         model.load_state_dict(best)
         nets.append(model.eval())
         hists.append(hist)
         records.append(record)
         resumes.append(resume)
 
-    meta = {"crop": training["crop"], "precision": rt["precision"]}
+    meta = {"crop": training.crop, "precision": rt.precision}
     if members == 1:
         model, record, extra = nets[0], records[0], {}
         meta = {"best_epoch": record["best_epoch"], "best_val_accuracy": record["best_val_accuracy"],
                 **meta}
     else:
         model = Ensemble(nets)
-        probs = predict_proba(model, splits["val_x"], training["crop"], "none", rt["batch_size"],
-                              rt["precision"], rt["device"])
+        probs = predict_proba(model, splits["val_x"], training.crop, "none", rt)
         record = ensemble_record(records, float((probs.argmax(1) == splits["val_y"]).mean()))
         extra = {"members": members, "params_total": count_params(model)}
         meta = {"members": [{"best_epoch": r["best_epoch"], "best_val_accuracy": r["best_val_accuracy"]}
@@ -509,10 +592,11 @@ def run(kind, make_model, config, splits, training, rt, resume_path=None, member
     print(f"[{kind}] best validation accuracy {record['best_val_accuracy']:.4f}"
           + (f" at epoch {record['best_epoch']}" if members == 1 else f" ({members} networks)"),
           flush=True)
-    return {"checkpoint": checkpoint(model, kind, config, training["crop"], meta),
-            "metrics": {"params": n_params, **extra, **record, **runtime.record(rt),
-                        "batch_size": training["batch_size"]},
-            "history": hists[0], "summary": table, "resume_files": [r for r in resumes if r]}
+    return TrainResult(
+        checkpoint=checkpoint(model, kind, net.config, training.crop, meta),
+        metrics={"params": n_params, **extra, **record, **rt.record(),
+                 "batch_size": training.batch_size},
+        history=hists[0], summary=table, resume_files=[r for r in resumes if r])
 
 
 def ensemble_record(records, val_accuracy):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ferpipe import runtime
 from ferpipe.constants import EMOTIONS, IMAGE_SIZE
 from ferpipe.errors import FerPipeError
 from ferpipe.model import infer, networks
@@ -119,10 +120,9 @@ def parity(model, graph, images, crop, temperature, batch_size=512):
     uint8 faces: share of identical predicted labels and the largest probability gap."""
     from ferpipe.use.release import OnnxModel
 
-    cpu = torch.device("cpu")
-    ref = infer.predict_proba(model.cpu(), images, crop, "none", batch_size, "fp32", cpu,
-                              temperature)
-    got = infer.predict_proba(OnnxModel(graph), images, crop, "none", batch_size)
+    rt = runtime.reference(batch_size)
+    ref = infer.predict_proba(model.cpu(), images, crop, "none", rt, temperature)
+    got = infer.predict_proba(OnnxModel(graph), images, crop, "none", rt)
     return {"faces": int(len(images)), "compared_with": "torch fp32, centre crop",
             "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
             "max_abs_diff": float(np.abs(ref - got).max())}
@@ -136,15 +136,15 @@ def release_accuracy(graph, splits, crop, tta, batch_size=512):
 
     from ferpipe.use.release import OnnxModel
 
-    runner, out = OnnxModel(graph), {}
+    runner, rt, out = OnnxModel(graph), runtime.reference(batch_size), {}
     for name in ("val", "test", "private"):
         y = splits.get(f"{name}_y")
         if y is None or len(y) == 0:
             continue
         x = splits[f"{name}_x"]
-        pred = infer.predict_proba(runner, x, crop, tta, batch_size).argmax(1)
+        pred = infer.predict_proba(runner, x, crop, tta, rt).argmax(1)
         single = pred if tta == "none" else \
-            infer.predict_proba(runner, x, crop, "none", batch_size).argmax(1)
+            infer.predict_proba(runner, x, crop, "none", rt).argmax(1)
         out[name] = {"accuracy": float((pred == y).mean()),
                      "single_crop_accuracy": float((single == y).mean()),
                      "macro_f1": float(f1_score(y, pred, labels=list(range(len(EMOTIONS))),

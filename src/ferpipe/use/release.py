@@ -120,8 +120,7 @@ class Classifier:
         self.tta, self.description, self.rt = tta, description, rt
 
     def probs(self, images, tta=None):
-        return infer.predict_proba(self.model, images, self.crop, tta or self.tta,
-                                   self.rt["batch_size"], self.rt["precision"], self.rt["device"],
+        return infer.predict_proba(self.model, images, self.crop, tta or self.tta, self.rt,
                                    self.temperature)
 
 
@@ -158,24 +157,22 @@ def locate(model=None, backend=None):
 def load_classifier(model=None, backend=None, threads=0, precision="auto", batch_size=256):
     """The Classifier for classify's --model/--backend, and a line saying what it is."""
     path, backend = locate(model, backend)
-    rt = {"batch_size": batch_size}
-    runtime.set_threads(threads)
     if backend == "onnx":
+        # onnxruntime computes in fp32 on the CPU, whatever this machine could do.
+        rt = runtime.make("cpu", threads, "fp32", batch_size)
         net, card = load_onnx(path, threads)
-        rt.update(device=torch.device("cpu"), precision="fp32")
         acc = card.get("accuracy", {}).get("test", {}).get("accuracy")
         scored = f", PublicTest accuracy {acc:.4f}" if acc is not None else ""
         return Classifier(net, card["input"]["shape"][-1], 1.0, card.get("tta", "none"),
                           f"{path} (onnxruntime, {card['precision']} weights, sha256 checked, "
                           f"temperature {card['temperature']:.3f} in the graph{scored})", rt)
-    device = runtime.pick_device("auto")
-    rt.update(device=device, precision=runtime.resolve_precision(precision, device))
+    rt = runtime.make("auto", threads, precision, batch_size)
     if card_path(path).is_file():  # a release's weights: checked against its card
-        net, ckpt, card = load_weights(path, device)
+        net, ckpt, card = load_weights(path, rt.device)
         return Classifier(net, ckpt["input_size"], card["temperature"], card.get("tta", "none"),
-                          f"{path} (torch {rt['precision']}, sha256 checked, temperature "
+                          f"{path} (torch {rt.precision}, sha256 checked, temperature "
                           f"{card['temperature']:.3f} from {card_path(path)})", rt)
-    net, ckpt = networks.load(path, device)
+    net, ckpt = networks.load(path, rt.device)
     cal_path = Path(path).with_name(Path(paths.CALIBRATION).name)
     try:
         cal = read_calibration(cal_path, path)
@@ -184,4 +181,4 @@ def load_classifier(model=None, backend=None, threads=0, precision="auto", batch
     except FerPipeError as err:
         temperature, tta, note = 1.0, "none", f"uncalibrated: {err}"
     return Classifier(net, ckpt["input_size"], temperature, tta,
-                      f"{path} (torch {rt['precision']}, {note})", rt)
+                      f"{path} (torch {rt.precision}, {note})", rt)
