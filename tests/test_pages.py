@@ -271,7 +271,7 @@ def test_a_clone_shows_the_committed_figures_and_redraws_lost_ones(repo, tmp_pat
     assert len(pngs) >= 18 and all((clone / p).is_file() for p in pngs)
 
     def make_report():
-        proc = subprocess.run([sys.executable, "-m", "ferpipe.report", "--no-diff"], cwd=clone,
+        proc = subprocess.run([sys.executable, "-m", "ferpipe.tools.report", "--no-diff"], cwd=clone,
                               env=demo.env_for(clone), capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip().splitlines()[-1], (clone / "report.html").read_text()

@@ -164,7 +164,7 @@ def test_classify_uses_the_release_in_a_clone(repo, tmp_path):
     assert "release/fer_cnn.onnx (onnxruntime" in proc.stderr
     assert len(pd.read_csv(io.StringIO(proc.stdout))) == 7
     pictures = [str(tmp_path / f"{i}.png") for i in range(len(x))]
-    proc = subprocess.run([sys.executable, "-m", "ferpipe.classify", *pictures, "--no-detect",
+    proc = subprocess.run([sys.executable, "-m", "ferpipe.use.classify", *pictures, "--no-detect",
                            "--explain", "--out", str(tmp_path / "explained")],
                           cwd=clone, env=demo.env_for(clone), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
