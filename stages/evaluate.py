@@ -30,7 +30,8 @@ OUT_CALIBRATION = paths.CALIBRATION
 
 def main():
     p = params.load({"infer": infer.SCHEMA, "evaluate": scores.SCHEMA})
-    tta, settings = p["infer"]["tta"], scores.EvaluateConfig.from_params(p["evaluate"])
+    tta = infer.InferConfig.from_params(p["infer"]).tta
+    settings = scores.EvaluateConfig.from_params(p["evaluate"])
     rt = runtime.setup(runtime.load())
     splits = files.load_npz(IN_SPLITS, "data splits")
     summary, per_class, outputs = {}, {}, {}

@@ -20,7 +20,7 @@ OUT_CARD = paths.RELEASE_CARD
 
 
 def main():
-    settings = params.load({"export": export.SCHEMA})["export"]
+    settings = export.ExportConfig.from_params(params.load({"export": export.SCHEMA})["export"])
     rt = runtime.setup(runtime.load())
     model, ckpt = networks.load(IN_MODEL)
     calibration = release.read_calibration(IN_CALIBRATION, IN_MODEL)
@@ -31,17 +31,18 @@ def main():
     graph = export.to_onnx(model, crop, temperature, settings)
     weights = export.weights(model, ckpt, settings)
     measured = export.parity(model, graph, splits["val_x"], crop, temperature, rt.batch_size)
-    export.check_parity(measured, settings["precision"])
+    export.check_parity(measured, settings.precision)
     # The release's own accuracy: the graph on onnxruntime with the views classify uses by
     # default (the card's tta, which evaluate fitted the temperature under), not evaluate's
     # PyTorch figure, which the card keeps beside it.
     accuracy = export.release_accuracy(graph, splits, crop, calibration["tta"], rt.batch_size)
     trained_on = {"data": data["form"], "files": data["files"],
                   **{f"{name}_faces": int(len(splits[f"{name}_y"])) for name in ("train", "val", "test")}}
-    card = export.card(graph, Path(OUT_ONNX).name, weights, Path(OUT_WEIGHTS).name, model, ckpt,
-                       calibration, measured, accuracy, settings, trained_on)
+    made = export.Exported(graph, Path(OUT_ONNX).name, weights, Path(OUT_WEIGHTS).name, measured,
+                           accuracy)
+    card = export.card(made, model, ckpt, calibration, settings, trained_on)
     files.write_outputs({OUT_ONNX: graph, OUT_WEIGHTS: weights, OUT_CARD: card})
-    print(f"export: wrote {OUT_ONNX} ({len(graph) / 2**20:.2f} MB, {settings['precision']} weights, "
+    print(f"export: wrote {OUT_ONNX} ({len(graph) / 2**20:.2f} MB, {settings.precision} weights, "
           f"temperature {temperature:.3f}) and {OUT_WEIGHTS} ({len(weights) / 2**20:.2f} MB); on "
           f"{measured['faces']} validation faces labels agree with torch on "
           f"{measured['argmax_agreement']:.4%}, largest probability gap "

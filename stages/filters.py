@@ -27,7 +27,7 @@ OUT_METRICS = paths.FILTERS_METRICS
 
 
 def main():
-    p = params.load({"filters": filters.SCHEMA})["filters"]
+    ascent = filters.FiltersConfig.from_params(params.load({"filters": filters.SCHEMA})["filters"])
     splits = files.load_npz(IN_SPLITS, "data splits")
     # Gradients stay in fp32 (bf16 would blur small saliency values); threads and device
     # come from the runtime section.
@@ -36,7 +36,7 @@ def main():
     cnn = networks.single(cnn)  # an ensemble is explained through its first network
     dnn, _ = networks.load(IN_DNN, device)
     res = filters.filters_study(cnn, cnn_ckpt["input_size"], dnn, splits["val_x"],
-                                splits["val_y"], p)
+                                splits["val_y"], ascent)
     save_figure(OUT_FROM_NOISE, filters_figure(res))
     save_figure(OUT_FROM_FACE, face_trajectory_figure(res))
     save_figure(OUT_FEATURE_MAPS, feature_maps_figure(res))

@@ -10,7 +10,7 @@ OUT_CSV = paths.PREDICTIONS
 
 
 def main():
-    tta = params.load({"infer": infer.SCHEMA})["infer"]["tta"]
+    tta = infer.InferConfig.from_params(params.load({"infer": infer.SCHEMA})["infer"]).tta
     splits = files.load_npz(IN_SPLITS, "data splits")
     which, x, ids = infer.faces_to_predict(splits)
     rt = runtime.setup(runtime.load())

@@ -9,6 +9,7 @@ from ferpipe.explanations.figures import (
     model_comparison_figure,
     saliency_faces_figure,
 )
+from ferpipe.explanations.probe import Subject
 from ferpipe.files import save_figure, write_json
 from ferpipe.model import networks
 
@@ -22,7 +23,8 @@ OUT_METRICS = paths.SALIENCY_METRICS
 
 
 def main():
-    p = params.load({"saliency": saliency.SCHEMA})["saliency"]
+    p = params.load({"saliency": saliency.SCHEMA})
+    sal = saliency.SaliencyConfig.from_params(p["saliency"])
     splits = files.load_npz(IN_SPLITS, "data splits")
     # Gradients stay in fp32 (bf16 would blur small saliency values); threads and device
     # come from the runtime section.
@@ -30,8 +32,9 @@ def main():
     cnn, cnn_ckpt = networks.load(IN_CNN, device)
     cnn = networks.single(cnn)  # an ensemble is explained through its first network
     dnn, dnn_ckpt = networks.load(IN_DNN, device)
-    res = saliency.saliency_study(cnn, cnn_ckpt["input_size"], dnn, dnn_ckpt["input_size"],
-                                  splits["val_x"], splits["val_y"], p)
+    res = saliency.saliency_study(Subject(cnn, cnn_ckpt["input_size"]),
+                                  Subject(dnn, dnn_ckpt["input_size"]), splits["val_x"],
+                                  splits["val_y"], sal)
     save_figure(OUT_FACES, saliency_faces_figure(res))
     save_figure(OUT_CNN_VS_DNN, model_comparison_figure(res))
     save_figure(OUT_CLASS_AVERAGE, class_average_figure(res))

@@ -13,8 +13,8 @@ OUT_METRICS = paths.SPLIT_METRICS
 
 
 def main():
-    p = params.load({"split": split.SCHEMA})["split"]
-    splits = split.carve(split.load_prepared(IN_DATA), p["val_fraction"], p["seed"], IN_DATA)
+    cfg = split.SplitConfig.from_params(params.load({"split": split.SCHEMA})["split"])
+    splits = split.carve(split.load_prepared(IN_DATA), cfg.val_fraction, cfg.seed, IN_DATA)
     counts = split.split_counts(splits)
     for name in ("test", "private"):
         counts[name]["seen_in_training"] = int(splits[f"{name}_seen"].sum())

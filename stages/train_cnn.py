@@ -22,7 +22,7 @@ def main():
                      "ensemble": networks.ENSEMBLE_SCHEMA})
     arch = networks.resolve_cnn_config(p["cnn"])
     training = train.TrainConfig.from_params(p["train"])
-    members = p["ensemble"]["members"]
+    members = networks.EnsembleConfig.from_params(p["ensemble"]).members
     splits = files.load_npz(IN_SPLITS, "data splits")
     cnn = train.Network("cnn", arch, lambda: networks.FerCNN(arch, training.crop))
     result = train.run(cnn, splits, training, rt, members, train.RunFiles(RESUME, LIVE))

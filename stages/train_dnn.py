@@ -22,10 +22,11 @@ def main():
     training = train.TrainConfig.from_params(p["train"])
     target = networks.count_params(networks.FerCNN(networks.resolve_cnn_config(p["cnn"]),
                                                training.crop))
-    widths = networks.dnn_widths(p["dnn"], training.crop, target)
+    layers = networks.DnnConfig.from_params(p["dnn"])
+    widths = networks.dnn_widths(layers, training.crop, target)
     print(f"dnn: hidden widths {widths} to match the CNN's {target:,} parameters", flush=True)
     splits = files.load_npz(IN_SPLITS, "data splits")
-    config = {**p["dnn"], "widths": widths}
+    config = layers.with_widths(widths)
     dnn = train.Network("dnn", config, lambda: networks.build("dnn", config, training.crop))
     result = train.run(dnn, splits, training, rt, run_files=train.RunFiles(RESUME, LIVE))
     if distributed.is_main():  # the only process that writes

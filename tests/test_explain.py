@@ -36,6 +36,16 @@ FILTERS = {"layers": ["features.block1.conv1", "features.block2.conv1"], "filter
            "face_step_size": 0.01, "face_proximity": 0.02, "feature_maps": 5, "dnn_units": 6}
 
 
+def sal(**changes):
+    """The saliency: section of these tests, with `changes`, as the stage builds it."""
+    return saliency.SaliencyConfig.from_params({**SALIENCY, **changes})
+
+
+def ascent(**changes):
+    """The filters: section of these tests, with `changes`, as the stage builds it."""
+    return filters.FiltersConfig.from_params({**FILTERS, **changes})
+
+
 class RegionNet(nn.Module):
     """Class scores that depend only on the pixels inside BOX: the input is masked before a
     bias-free convolution, so feature maps outside BOX (and its 1 px rim) are exactly zero.
@@ -83,7 +93,8 @@ def test_saliency_and_gradcam_land_in_the_region_the_answer_comes_from(faces):
     x = probe.model_input(faces[0][:8], CROP, torch.device("cpu"))
     target = torch.full((8,), 3)
     van, _ = saliency.vanilla(net, x, target)
-    smooth = saliency.smoothgrad(net, x, target, 4, 0.2, 16, torch.Generator().manual_seed(0))
+    smooth = saliency.smoothgrad(net, x, target, sal(smoothgrad_noise=0.2, percentile=100.0),
+                                 torch.Generator().manual_seed(0))
     cam = saliency.gradcam(net, net.features.act, x, target)
     assert van.shape == smooth.shape == cam.shape == (8, CROP, CROP)
     for maps in (van, smooth, cam):
@@ -101,7 +112,7 @@ def test_saliency_and_gradcam_land_in_the_region_the_answer_comes_from(faces):
 def test_class_average_is_the_mean_of_single_face_maps_and_ignores_the_outside(faces):
     net = RegionNet().eval()
     x, y = faces
-    avg = saliency.class_average(net, x, y, CROP, batch_size=5, percentile=99.0, centre=0.5)
+    avg = saliency.class_average(net, x, y, CROP, sal(batch_size=5, percentile=99.0, centre=0.5))
     assert avg["maps"].shape == (7, CROP, CROP) and avg["probs"].shape == (len(y), 7)
     assert list(avg["counts"]) == [3] * 7
     one = [saliency.vanilla(net, probe.model_input(x[i:i + 1], CROP, torch.device("cpu")),
@@ -139,8 +150,8 @@ def test_gradient_ascent_raises_each_filter_far_above_its_start(nets, faces):
     for name, start in (("features.block1.conv1", noise), ("features.block2.conv1", noise),
                         ("features.block2.conv1", face)):
         layer = modules[name]
-        imgs, first, reached = filters.maximise_filters(cnn, layer, torch.arange(6), start,
-                                                        {**FILTERS, "steps": 60}, gen)
+        imgs, first, reached = filters.maximise_filters(
+            filters.Objective(cnn, layer, torch.arange(6)), start, ascent(steps=60), gen)
         assert imgs.shape == start.shape and imgs.min() >= 0 and imgs.max() <= 1
         gain = reached - first
         assert (gain >= 0).all() and gain.mean() > 0.3, (name, first, reached)
@@ -160,10 +171,12 @@ def test_gradient_ascent_raises_each_filter_far_above_its_start(nets, faces):
             torch.testing.assert_close(filters.filter_objective(cnn, layer, imgs, torch.arange(6)),
                                        reached)
     # Each image in the batch serves only its own filter: filter 2 alone ends the same.
-    cfg = {**FILTERS, "jitter": 0}
+    cfg = ascent(jitter=0)
     layer = modules["features.block2.conv1"]
-    batch = filters.maximise_filters(cnn, layer, torch.arange(6), noise, cfg, gen)[0]
-    alone = filters.maximise_filters(cnn, layer, torch.tensor([2]), noise[2:3], cfg, gen)[0]
+    batch = filters.maximise_filters(filters.Objective(cnn, layer, torch.arange(6)), noise, cfg,
+                                     gen)[0]
+    alone = filters.maximise_filters(filters.Objective(cnn, layer, torch.tensor([2])), noise[2:3],
+                                     cfg, gen)[0]
     torch.testing.assert_close(batch[2:3], alone, atol=1e-4, rtol=0)
 
 
@@ -171,14 +184,15 @@ def test_unknown_or_unfit_layer_names_are_errors_naming_the_key(nets, faces):
     cnn, dnn = nets
     with pytest.raises(FerPipeError, match=r"params\.yaml: filters\.layers\[1\]: model has no "
                                            r"layer 'x' \(conv layers: features\.block1\.conv1, "):
-        filters.filters_study(cnn, CROP, dnn, *faces, {**FILTERS, "layers": [FILTERS["layers"][0], "x"]})
+        filters.filters_study(cnn, CROP, dnn, *faces, ascent(layers=[FILTERS["layers"][0], "x"]))
     with pytest.raises(FerPipeError, match=r"filters\.layers\[0\]: layer 'head\.out' gives no "
                                            r"feature maps"):
-        filters.filters_study(cnn, CROP, dnn, *faces, {**FILTERS, "layers": ["head.out"]})
+        filters.filters_study(cnn, CROP, dnn, *faces, ascent(layers=["head.out"]))
     with pytest.raises(FerPipeError, match=r"saliency\.gradcam_layer: model has no layer 'conv9'"):
-        saliency.saliency_study(cnn, CROP, dnn, CROP, *faces, {**SALIENCY, "gradcam_layer": "conv9"})
+        saliency.saliency_study(probe.Subject(cnn, CROP), probe.Subject(dnn, CROP), *faces,
+                                sal(gradcam_layer="conv9"))
     with pytest.raises(FerPipeError, match=r"filters\.face: must be below"):
-        filters.filters_study(cnn, CROP, dnn, *faces, {**FILTERS, "face": 10_000})
+        filters.filters_study(cnn, CROP, dnn, *faces, ascent(face=10_000))
 
 
 def _image_axes(fig):
@@ -189,7 +203,8 @@ def test_figures_have_their_panels(nets, faces):
     import matplotlib.pyplot as plt
 
     cnn, dnn = nets
-    res = saliency.saliency_study(cnn, CROP, dnn, CROP, *faces, SALIENCY)
+    res = saliency.saliency_study(probe.Subject(cnn, CROP), probe.Subject(dnn, CROP), *faces,
+                                  sal())
     n = len(res["picks"])
     assert n == 14 and res["gradcam_layer"] == "features.block2.act1"
     fig = figures.saliency_faces_figure(res)
@@ -204,7 +219,7 @@ def test_figures_have_their_panels(nets, faces):
     # (smoothing moves a little mass out, so of the raw mass a little less may be held).
     assert 0.4 < metrics["mask_cnn"]["mass_held"] <= 1 and 0 < metrics["mask_cnn"]["area"] < 0.5
 
-    fres = filters.filters_study(cnn, CROP, dnn, *faces, FILTERS)
+    fres = filters.filters_study(cnn, CROP, dnn, *faces, ascent())
     # Two objectives for each of 4 filters in 2 layers; 3 filters x 3 steps from the face.
     assert len(_image_axes(figures.filters_figure(fres))) == 2 * 2 * 4
     assert len(_image_axes(figures.face_trajectory_figure(fres))) == 2 * 3 * 3
@@ -276,8 +291,8 @@ def test_centre_unit_ascent_recovers_a_known_oriented_edge():
     conv = net.features.block1.conv1
     gen = torch.Generator().manual_seed(0)
     noise = (0.5 + 0.05 * torch.randn(2, 1, CROP, CROP, generator=gen)).clamp(0, 1)
-    imgs, first, reached = filters.maximise_filters(net, conv, torch.arange(2), noise,
-                                                    {**FILTERS, "steps": 40}, gen, centre=True)
+    imgs, first, reached = filters.maximise_filters(
+        filters.Objective(net, conv, torch.arange(2), centre=True), noise, ascent(steps=40), gen)
     lo, hi = probe.centre_window(net, "features.block1.conv1", CROP, CROP)
     assert (lo, hi) == (18, 23)  # the 5x5 field of unit (20, 20)
     kernels = conv.weight.detach()[:, 0].numpy()
@@ -315,16 +330,16 @@ def test_ascent_from_a_face_stays_within_the_reported_distance(nets, faces):
     cnn, _ = nets
     face = probe.model_input(faces[0][3:4], CROP, torch.device("cpu"))
     layer = dict(cnn.named_modules())["features.block2.act1"]
-    cfg = {**FILTERS, "face_steps": [0, 5, 10, 30]}
-    imgs, values, dist = filters.face_trajectory(cnn, layer, torch.arange(4), face, cfg,
-                                                 torch.Generator().manual_seed(0))
+    cfg = ascent(face_steps=[0, 5, 10, 30])
+    imgs, values, dist = filters.face_trajectory(filters.Objective(cnn, layer, torch.arange(4)),
+                                                 face, cfg, torch.Generator().manual_seed(0))
     assert imgs.shape == (4, 4, CROP, CROP) and values.shape == dist.shape == (4, 4)
     # The reported distance is the RMS pixel distance of the image shown.
     torch.testing.assert_close(dist, (imgs - face[0, 0]).pow(2).mean((-2, -1)).sqrt())
     # One step moves the image by at most face_step_size (RMS): blur and decay act on the
     # change alone, and clipping to [0, 1] only brings it nearer the face.
-    for s, step in enumerate(cfg["face_steps"]):
-        assert (dist[s] <= cfg["face_step_size"] * step + 1e-5).all(), (step, dist[s])
+    for s, step in enumerate(cfg.face_steps):
+        assert (dist[s] <= cfg.face_step_size * step + 1e-5).all(), (step, dist[s])
     assert (dist[1:] > 0).all()
     assert (values[1] > values[0]).all()  # the early steps already raise every filter
     assert all(saliency.correlation(imgs[1, j].numpy(), face[0, 0].numpy()) > 0.95 for j in range(4))

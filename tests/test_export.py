@@ -3,6 +3,7 @@ an ensemble), its dynamic batch, the PyTorch weights that ship beside it, the mo
 the graph's own accuracy on onnxruntime, the sha256 checks that refuse a changed file,
 classify on onnxruntime, and the stage script in a workspace."""
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -20,7 +21,7 @@ from ferpipe.use import classify, export, faces, release
 
 from conftest import save_tiny_cnn
 
-SETTINGS = {"precision": "fp32", "opset": 17}
+SETTINGS = export.ExportConfig.from_params({"precision": "fp32", "opset": 17})
 T = 1.4
 
 
@@ -54,8 +55,8 @@ def release_files(folder, model, ckpt, path, settings=SETTINGS, val=None):
     measured = export.parity(model, graph, x, ckpt["input_size"], T)
     y = y if y is not None else np.arange(len(x)) % 7
     accuracy = export.release_accuracy(graph, {"val_x": x, "val_y": y}, ckpt["input_size"], "flip")
-    card = export.card(graph, "fer_cnn.onnx", weights, "fer_cnn.pt", model, ckpt,
-                       calibration_for(path), measured, accuracy, settings, {"data": "synthetic"})
+    made = export.Exported(graph, "fer_cnn.onnx", weights, "fer_cnn.pt", measured, accuracy)
+    card = export.card(made, model, ckpt, calibration_for(path), settings, {"data": "synthetic"})
     folder.mkdir(parents=True, exist_ok=True)
     files.write_outputs({folder / "fer_cnn.onnx": graph, folder / "fer_cnn.pt": weights,
                          folder / "model_card.json": card})
@@ -96,7 +97,7 @@ def test_the_batch_is_dynamic_and_outputs_are_probabilities(net, val_faces):
 def test_fp16_weights_halve_the_file_and_their_agreement_is_measured(val_faces, tmp_path):
     model, ckpt = save_tiny_cnn(tmp_path / "cnn.pt", widths=[32, 64], head=[64])  # 25k weights
     fp32 = export.to_onnx(model, 40, T, SETTINGS)
-    fp16 = export.to_onnx(model, 40, T, {**SETTINGS, "precision": "fp16"})
+    fp16 = export.to_onnx(model, 40, T, dataclasses.replace(SETTINGS, precision="fp16"))
     assert len(fp16) < 0.6 * len(fp32)
     measured = export.parity(model, fp16, val_faces, 40, T)
     assert measured["argmax_agreement"] >= 0.98 and measured["max_abs_diff"] <= 5e-3
@@ -169,9 +170,9 @@ def test_the_release_weights_rebuild_the_exported_network(net, val_faces, tmp_pa
     params = sum(p.numel() for p in model.parameters())
     assert 4 * params < weights.stat().st_size < 4 * params + 40_000
 
-    half = export.weights(model, ckpt, {**SETTINGS, "precision": "fp16"})
+    half = export.weights(model, ckpt, dataclasses.replace(SETTINGS, precision="fp16"))
     big, big_ckpt = save_tiny_cnn(tmp_path / "big.pt", widths=[32, 64], head=[64])  # 25k weights
-    assert len(export.weights(big, big_ckpt, {**SETTINGS, "precision": "fp16"})) < \
+    assert len(export.weights(big, big_ckpt, dataclasses.replace(SETTINGS, precision="fp16"))) < \
         0.6 * len(export.weights(big, big_ckpt, SETTINGS))
     (tmp_path / "half").mkdir()
     files.write_bytes(tmp_path / "half" / "fer_cnn.pt", half)
@@ -335,6 +336,6 @@ def test_the_throughput_table(tmp_path, val_faces):
 
     model, ckpt = save_tiny_cnn(tmp_path / "models" / "cnn.pt")
     graph_path, _ = release_files(tmp_path / "release", model, ckpt, tmp_path / "models" / "cnn.pt")
-    rows = throughput.measure(tmp_path / "models" / "cnn.pt", graph_path, val_faces[:16], [1],
-                              ["none"], 8, seconds=0.01)
+    rows = throughput.measure(tmp_path / "models" / "cnn.pt", graph_path, val_faces[:16],
+                              throughput.Sweep([1], ["none"], 8, seconds=0.01))
     assert {r[0] for r in rows} == {"torch", "onnxruntime"} and all(r[-1] > 0 for r in rows)

@@ -24,7 +24,7 @@ def test_dnn_matches_cnn_parameters(widths, convs, head, crop):
     cnn = networks.FerCNN({**CNN, "widths": widths, "convs": convs, "head": head}, crop)
     target = networks.count_params(cnn)
     for layers, taper in ((1, 1.0), (3, 0.5), (4, 0.7)):
-        cfg = {**DNN, "hidden_layers": layers, "taper": taper}
+        cfg = networks.DnnConfig.from_params({**DNN, "hidden_layers": layers, "taper": taper})
         widths_dnn = networks.dnn_widths(cfg, crop, target)
         dnn = networks.FerDNN(widths_dnn, cfg, crop)
         assert len(widths_dnn) == layers
@@ -35,7 +35,8 @@ def test_dnn_match_impossible_is_a_clear_error():
     # A tiny CNN cannot be matched by a DNN whose first layer alone is larger.
     cnn = networks.FerCNN({**CNN, "widths": [2], "convs": [1], "head": []}, 40)
     with pytest.raises(FerPipeError, match="dnn"):
-        networks.dnn_widths({**DNN, "tolerance": 0.001}, 40, networks.count_params(cnn))
+        networks.dnn_widths(networks.DnnConfig.from_params({**DNN, "tolerance": 0.001}), 40,
+                            networks.count_params(cnn))
 
 
 def test_summary_rows_add_up_and_shapes_flow():

@@ -17,8 +17,7 @@ import yaml
 
 from ferpipe import runtime
 from ferpipe.errors import FerPipeError
-from ferpipe.explanations import saliency
-from ferpipe.explanations.filters import check_steps
+from ferpipe.explanations import filters, saliency
 from ferpipe.explanations.probe import feature_layers
 from ferpipe.model import networks
 from ferpipe.params import PARAMS_FILE
@@ -43,11 +42,15 @@ def across_sections(p, rt):
     arch = networks.resolve_cnn_config(p["cnn"])  # cnn.convs: one per cnn.widths
     with torch.device("meta"):
         cnn = networks.FerCNN(arch, crop)  # too many pooling blocks for train.crop
-    networks.dnn_widths(p["dnn"], crop, networks.count_params(cnn))  # within dnn.tolerance
-    layers = p["filters"]["layers"]
+    # the typed sections, built as their stages build them
+    dnn = networks.DnnConfig.from_params(p["dnn"])
+    ascent = filters.FiltersConfig.from_params(p["filters"])
+    sal = saliency.SaliencyConfig.from_params(p["saliency"])
+    networks.dnn_widths(dnn, crop, networks.count_params(cnn))  # within dnn.tolerance
+    layers = ascent.layers
     feature_layers(cnn, layers, [f"filters.layers[{i}]" for i in range(len(layers))], crop)
-    check_steps(p["filters"])
-    name = p["saliency"]["gradcam_layer"]
+    filters.check_steps(ascent)
+    name = sal.gradcam_layer
     feature_layers(cnn, [saliency.last_conv_layer(cnn) if name == "last" else name],
                    ["saliency.gradcam_layer"], crop)
     runtime.pick_device(rt["device"])  # cuda asked for on a machine without one

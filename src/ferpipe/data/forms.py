@@ -18,6 +18,7 @@ problem stops the stage, with on_error="skip" the row is dropped and listed.
 """
 import contextlib
 import csv
+import dataclasses
 import io
 import re
 import warnings
@@ -28,7 +29,7 @@ import numpy as np
 from ferpipe.constants import EMOTIONS, IMAGE_SIZE, UNLABELLED, USAGES
 from ferpipe.data import sources
 from ferpipe.errors import FerPipeError
-from ferpipe.params import choice, integer, string
+from ferpipe.params import choice, integer, section, string
 
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -54,6 +55,23 @@ PREPARE_SCHEMA = {
     "near_duplicates": integer(lo=-1, hi=16),
     "dedupe": choice("report", "drop_from_train"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """The `prepare:` section, as PREPARE_SCHEMA validated it (same fields, same order)."""
+    raw: str
+    on_error: str
+    max_image_pixels: int
+    max_archive_bytes: int
+    max_archive_entries: int
+    near_duplicates: int
+    dedupe: str
+
+    @classmethod
+    def from_params(cls, values, where="prepare"):
+        """Validate a `prepare:` section (a dict, as in params.yaml) and build it."""
+        return cls(**section(PREPARE_SCHEMA)(values, where))
 
 
 class Problems:

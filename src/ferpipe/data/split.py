@@ -1,6 +1,7 @@
 """The prepared faces and the splits carved from them: the `split:` section, reading
 data/prepared/faces.npz back, and a stratified, seeded validation set carved from Training
 that keeps each duplicate group on one side."""
+import dataclasses
 import math
 
 import numpy as np
@@ -9,12 +10,24 @@ from ferpipe.constants import EMOTIONS, IMAGE_SIZE, UNLABELLED, USAGES
 from ferpipe.data import duplicates
 from ferpipe.errors import FerPipeError
 from ferpipe.files import load_npz
-from ferpipe.params import integer, number
+from ferpipe.params import integer, number, section
 
 SCHEMA = {
     "val_fraction": number(lo=0.0, hi=0.5, lo_open=True),
     "seed": integer(lo=0),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """The `split:` section, as SCHEMA validated it (same fields, same order)."""
+    val_fraction: float
+    seed: int
+
+    @classmethod
+    def from_params(cls, values, where="split"):
+        """Validate a `split:` section (a dict, as in params.yaml) and build it."""
+        return cls(**section(SCHEMA)(values, where))
 
 
 def load_prepared(path):

@@ -7,6 +7,7 @@ the crop. Models are switched to eval mode and their weights frozen while they a
 so batched images never influence each other and no weight gradients are computed.
 """
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -18,6 +19,13 @@ from ferpipe.model.infer import center_crop, device_of, to_float
 from ferpipe.params import PARAMS_FILE
 
 GREY = 0.5  # what "greyed out" pixels and the ascent's decay move towards
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """A trained network to probe and the crop it takes (its checkpoint's input_size)."""
+    model: nn.Module
+    crop: int
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Stage saliency's computations: where the networks look. Vanilla gradient, SmoothGrad and
 Grad-CAM maps of chosen faces, class-average maps over a split, and the stage's metrics.
 Inputs and layers are handled as in probe (fp32, test-time crop, frozen eval-mode models)."""
+import dataclasses
 import math
 
 import numpy as np
@@ -18,7 +19,7 @@ from ferpipe.explanations.probe import (
     probing,
 )
 from ferpipe.model.infer import center_crop, device_of
-from ferpipe.params import choice, integer, number, string
+from ferpipe.params import choice, integer, number, section, string
 
 SCHEMA = {
     "per_class": integer(lo=1, hi=20),          # validation faces per class in the face figures
@@ -34,6 +35,28 @@ SCHEMA = {
     "centre": number(lo=0.0, hi=1.0, lo_open=True),  # side of the central square, share of crop
     "batch_size": integer(lo=1),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class SaliencyConfig:
+    """The `saliency:` section, as SCHEMA validated it (same fields, same order)."""
+    per_class: int
+    misclassified: int
+    target: str
+    seed: int
+    percentile: float
+    mask_sigma: float
+    mask_share: float
+    smoothgrad_samples: int
+    smoothgrad_noise: float
+    gradcam_layer: str
+    centre: float
+    batch_size: int
+
+    @classmethod
+    def from_params(cls, values, where="saliency"):
+        """Validate a `saliency:` section (a dict, as in params.yaml) and build it."""
+        return cls(**section(SCHEMA)(values, where))
 
 
 def last_conv_layer(model):
@@ -74,9 +97,11 @@ def vanilla(model, x, target=None, percentile=100.0):
     return normalise(grad.abs()[:, 0], percentile), logits
 
 
-def smoothgrad(model, x, target, samples, noise, batch_size, gen, percentile=100.0):
-    """SmoothGrad: |gradient| averaged over `samples` copies of each image with Gaussian
-    noise of std `noise` x (the image's max - min) added; normalised per image."""
+def smoothgrad(model, x, target, sal, gen):
+    """SmoothGrad: |gradient| averaged over sal.smoothgrad_samples copies of each image with
+    Gaussian noise of std sal.smoothgrad_noise x (the image's max - min) added, in batches of
+    sal.batch_size; normalised per image to its sal.percentile."""
+    samples, noise, batch_size = sal.smoothgrad_samples, sal.smoothgrad_noise, sal.batch_size
     n, _, h, w = x.shape
     sigma = noise * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
     reps = x.repeat_interleave(samples, 0)
@@ -88,7 +113,7 @@ def smoothgrad(model, x, target, samples, noise, batch_size, gen, percentile=100
         noisy = chunk + sig[s:s + batch_size] * torch.randn(chunk.shape, generator=gen).to(x.device)
         grad, _ = input_gradients(model, noisy, tgt[s:s + batch_size])
         total[s:s + batch_size] = grad.abs()[:, 0]
-    return normalise(total.view(n, samples, h, w).mean(1), percentile)
+    return normalise(total.view(n, samples, h, w).mean(1), sal.percentile)
 
 
 def gradcam(model, layer, x, target):
@@ -139,15 +164,17 @@ def centre_mask(size, centre):
     return m
 
 
-def class_average(model, images, labels, crop, batch_size, percentile, centre):
-    """Vanilla saliency of every face for its true class, in batches.
+def class_average(model, images, labels, crop, sal):
+    """Vanilla saliency of every face for its true class, in batches of sal.batch_size,
+    normalised to sal.percentile; the central square's side is sal.centre x crop.
     Returns per-class mean maps (7, crop, crop), face counts, per-class mean share of
     saliency mass in the central square (nan for a class without faces), and (N, 7)
     softmax probabilities of the plain centre crop."""
     device = device_of(model)
     sums = torch.zeros(NUM_CLASSES, crop, crop, device=device)
     share_sums = torch.zeros(NUM_CLASSES, device=device)
-    mask = centre_mask(crop, centre).to(device)
+    batch_size, percentile = sal.batch_size, sal.percentile
+    mask = centre_mask(crop, sal.centre).to(device)
     counts = np.bincount(labels, minlength=NUM_CLASSES)
     probs = []
     for s in range(0, len(labels), batch_size):
@@ -194,51 +221,49 @@ def pick_faces(labels, pred, per_class, misclassified, seed):
     return np.asarray(picks, dtype=np.int64)
 
 
-def saliency_study(cnn, cnn_crop, dnn, dnn_crop, images, labels, sal):
-    """Everything the saliency stage draws and reports, as numpy arrays."""
+def saliency_study(cnn, dnn, images, labels, sal):
+    """Everything the saliency stage draws and reports, as numpy arrays. `cnn` and `dnn` are
+    probe.Subject (network and crop), `sal` a SaliencyConfig."""
+    (cnn, cnn_crop), (dnn, dnn_crop) = (cnn.model, cnn.crop), (dnn.model, dnn.crop)
     labels = np.asarray(labels, dtype=np.int64)
     device = device_of(cnn)
-    layer_name = last_conv_layer(cnn) if sal["gradcam_layer"] == "last" else sal["gradcam_layer"]
+    layer_name = last_conv_layer(cnn) if sal.gradcam_layer == "last" else sal.gradcam_layer
     [(_, layer, _)] = feature_layers(cnn, [layer_name], ["saliency.gradcam_layer"], cnn_crop)
-    avg_cnn = class_average(cnn, images, labels, cnn_crop, sal["batch_size"], sal["percentile"],
-                            sal["centre"])
-    avg_dnn = class_average(dnn, images, labels, dnn_crop, sal["batch_size"], sal["percentile"],
-                            sal["centre"])
+    avg_cnn = class_average(cnn, images, labels, cnn_crop, sal)
+    avg_dnn = class_average(dnn, images, labels, dnn_crop, sal)
     pred = avg_cnn["probs"].argmax(1)
-    picks = pick_faces(labels, pred, sal["per_class"], sal["misclassified"], sal["seed"])
+    picks = pick_faces(labels, pred, sal.per_class, sal.misclassified, sal.seed)
 
     out = {"picks": picks, "labels": labels[picks], "avg_cnn": avg_cnn, "avg_dnn": avg_dnn,
-           "gradcam_layer": layer_name, "mask_sigma": sal["mask_sigma"],
-           "mask_share": sal["mask_share"], "centre": sal["centre"],
+           "gradcam_layer": layer_name, "mask_sigma": sal.mask_sigma,
+           "mask_share": sal.mask_share, "centre": sal.centre,
            "mean_faces": mean_faces(images, labels, cnn_crop)}
     if len(picks) == 0:
         return out
     x = model_input(images[picks], cnn_crop, device)
     y = torch.as_tensor(labels[picks], device=device)
     probs = torch.as_tensor(avg_cnn["probs"][picks], device=device)
-    target = probs.argmax(1) if sal["target"] == "predicted" else y
-    gen = torch.Generator().manual_seed(sal["seed"])
+    target = probs.argmax(1) if sal.target == "predicted" else y
+    gen = torch.Generator().manual_seed(sal.seed)
     out["faces"] = x[:, 0].cpu().numpy()
     out["pred"] = probs.argmax(1).cpu().numpy()
     out["prob"] = probs.max(1).values.cpu().numpy()
     out["target"] = target.cpu().numpy()
-    van = vanilla(cnn, x, target, sal["percentile"])[0]
+    van = vanilla(cnn, x, target, sal.percentile)[0]
     out["vanilla"] = van.cpu().numpy()
-    out["mask"] = region_mask(van, sal["mask_sigma"], sal["mask_share"]).cpu().numpy()
-    out["smoothgrad"] = smoothgrad(cnn, x, target, sal["smoothgrad_samples"],
-                                   sal["smoothgrad_noise"], sal["batch_size"], gen,
-                                   sal["percentile"]).cpu().numpy()
+    out["mask"] = region_mask(van, sal.mask_sigma, sal.mask_share).cpu().numpy()
+    out["smoothgrad"] = smoothgrad(cnn, x, target, sal, gen).cpu().numpy()
     out["gradcam"] = gradcam(cnn, layer, x, target).cpu().numpy()
 
     xd = model_input(images[picks], dnn_crop, device_of(dnn))
     dprobs = torch.as_tensor(avg_dnn["probs"][picks])
-    dtarget = dprobs.argmax(1) if sal["target"] == "predicted" else y.cpu()
+    dtarget = dprobs.argmax(1) if sal.target == "predicted" else y.cpu()
     out["dnn_faces"] = xd[:, 0].cpu().numpy()
     out["dnn_pred"] = dprobs.argmax(1).numpy()
     out["dnn_prob"] = dprobs.max(1).values.numpy()
-    dvan = vanilla(dnn, xd, dtarget.to(xd.device), sal["percentile"])[0]
+    dvan = vanilla(dnn, xd, dtarget.to(xd.device), sal.percentile)[0]
     out["dnn_vanilla"] = dvan.cpu().numpy()
-    out["dnn_mask"] = region_mask(dvan, sal["mask_sigma"], sal["mask_share"]).cpu().numpy()
+    out["dnn_mask"] = region_mask(dvan, sal.mask_sigma, sal.mask_share).cpu().numpy()
     return out
 
 

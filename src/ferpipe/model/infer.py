@@ -5,13 +5,14 @@ evaluate, predict, self_train's pseudo-labels and the per-epoch validation all s
 `predict_proba`, so every accuracy the pipeline reports is the accuracy of what predict writes.
 """
 import contextlib
+import dataclasses
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ferpipe.params import choice
+from ferpipe.params import choice, section
 
 TTA_MODES = ("none", "flip", "tencrop", "grid", "grid_zoom")
 
@@ -20,6 +21,17 @@ TTA_MODES = ("none", "flip", "tencrop", "grid", "grid_zoom")
 SCHEMA = {
     "tta": choice(*TTA_MODES),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class InferConfig:
+    """The `infer:` section, as SCHEMA validated it (same fields, same order)."""
+    tta: str
+
+    @classmethod
+    def from_params(cls, values, where="infer"):
+        """Validate an `infer:` section (a dict, as in params.yaml) and build it."""
+        return cls(**section(SCHEMA)(values, where))
 
 
 # ---------------------------------------------------------------- running a network

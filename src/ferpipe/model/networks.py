@@ -1,5 +1,11 @@
 """Network definitions: a configurable CNN, a fully connected DNN sized to match it,
-named presets, saving/loading, and a Keras-style layer table."""
+named presets, saving/loading, and a Keras-style layer table.
+
+The `cnn:` section stays the validated dict, resolved by resolve_cnn_config: that dict is
+what checkpoints and the release save as `config` (resolution puts pool_last_block first,
+so its key order is not the schema's) and what `load` rebuilds networks from, including
+checkpoints saved before a key existed. The `dnn:` and `ensemble:` sections are typed."""
+import dataclasses
 import math
 from collections import OrderedDict
 
@@ -8,7 +14,7 @@ import torch.nn as nn
 
 from ferpipe.constants import NUM_CLASSES
 from ferpipe.errors import FerPipeError
-from ferpipe.params import boolean, choice, integer, list_of, number
+from ferpipe.params import boolean, choice, integer, list_of, number, section
 
 ACTIVATIONS = ("relu", "prelu", "elu", "leaky_relu", "gelu")
 
@@ -60,6 +66,37 @@ ENSEMBLE_SCHEMA = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class DnnConfig:
+    """The `dnn:` section, as DNN_SCHEMA validated it (same fields, same order)."""
+    hidden_layers: int
+    taper: float
+    batch_norm: bool
+    activation: str
+    dropout: float
+    tolerance: float
+
+    @classmethod
+    def from_params(cls, values, where="dnn"):
+        """Validate a `dnn:` section (a dict, as in params.yaml) and build it."""
+        return cls(**section(DNN_SCHEMA)(values, where))
+
+    def with_widths(self, widths):
+        """The DNN's config as checkpoints save it: the section's dict and its `widths`."""
+        return {**dataclasses.asdict(self), "widths": widths}
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleConfig:
+    """The `ensemble:` section, as ENSEMBLE_SCHEMA validated it."""
+    members: int
+
+    @classmethod
+    def from_params(cls, values, where="ensemble"):
+        """Validate an `ensemble:` section (a dict, as in params.yaml) and build it."""
+        return cls(**section(ENSEMBLE_SCHEMA)(values, where))
+
+
 def resolve_cnn_config(arch):
     if len(arch["widths"]) != len(arch["convs"]):
         raise FerPipeError(f"params.yaml: cnn.convs: has {len(arch['convs'])} entries but "
@@ -90,9 +127,14 @@ class Normalize(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    def __init__(self, cin, cout, n, kernel, batch_norm, activation, pooling, dropout, residual,
-                 pool=True):
+    """`n` convolutions from `cin` to `cout` channels, each with its batch norm and
+    activation, a residual connection, pooling (where `pool`) and dropout, as the resolved
+    `arch` (see resolve_cnn_config) asks."""
+
+    def __init__(self, cin, cout, n, arch, pool=True):
         super().__init__()
+        kernel, batch_norm, activation = arch["kernel"], arch["batch_norm"], arch["activation"]
+        dropout, residual = arch["block_dropout"], arch["residual"]
         self.layer_names = []
         for i in range(n):
             self.add_module(f"conv{i + 1}", nn.Conv2d(cin if i == 0 else cout, cout, kernel,
@@ -110,7 +152,7 @@ class ConvBlock(nn.Module):
         if not pool:
             self.pool = nn.Identity()
         else:
-            self.pool = nn.MaxPool2d(2) if pooling == "max" else nn.AvgPool2d(2)
+            self.pool = nn.MaxPool2d(2) if arch["pooling"] == "max" else nn.AvgPool2d(2)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
@@ -150,9 +192,7 @@ class FerCNN(nn.Module):
             if pool and size < 2:
                 raise FerPipeError(f"params.yaml: cnn.widths: {len(arch['widths'])} pooling blocks "
                                    f"shrink a {input_size}px input below 1px; use fewer blocks")
-            blocks[f"block{i + 1}"] = ConvBlock(cin, width, n, arch["kernel"], arch["batch_norm"],
-                                                arch["activation"], arch["pooling"],
-                                                arch["block_dropout"], arch["residual"], pool)
+            blocks[f"block{i + 1}"] = ConvBlock(cin, width, n, arch, pool)
             cin, size = width, size // 2 if pool else size
         self.features = nn.Sequential(blocks)
         if arch["global_pool"] == "avg":
@@ -168,10 +208,12 @@ class FerCNN(nn.Module):
 
 class FerDNN(nn.Module):
     def __init__(self, widths, dnn, input_size):
+        """Hidden layers of `widths` with the batch norm, activation and dropout of `dnn`
+        (a DnnConfig)."""
         super().__init__()
         self.norm = Normalize()
-        self.head = _dense_head(input_size * input_size, widths, dnn["batch_norm"],
-                                dnn["activation"], dnn["dropout"])
+        self.head = _dense_head(input_size * input_size, widths, dnn.batch_norm,
+                                dnn.activation, dnn.dropout)
 
     def forward(self, x):
         return self.head(torch.flatten(self.norm(x), 1))
@@ -202,9 +244,9 @@ def count_params(model):
 
 def dnn_widths(dnn, input_size, target):
     """Hidden widths, tapering by dnn.taper, whose total parameter count is closest to
-    `target`; raises if the best is still outside dnn.tolerance."""
+    `target`; raises if the best is still outside dnn.tolerance (`dnn`: a DnnConfig)."""
     def widths_for(base):
-        return [max(1, round(base * dnn["taper"] ** i)) for i in range(dnn["hidden_layers"])]
+        return [max(1, round(base * dnn.taper ** i)) for i in range(dnn.hidden_layers)]
 
     def params_for(base):
         with torch.device("meta"):  # counts shapes only: no memory, no initialisation
@@ -220,10 +262,10 @@ def dnn_widths(dnn, input_size, target):
         lo, hi = (mid, hi) if params_for(mid) < target else (lo, mid)
     base = min((lo, hi), key=lambda b: abs(params_for(b) - target))
     got = params_for(base)
-    if abs(got - target) > dnn["tolerance"] * target:
+    if abs(got - target) > dnn.tolerance * target:
         raise FerPipeError(f"params.yaml: dnn: no widths with hidden_layers="
-                           f"{dnn['hidden_layers']} and taper={dnn['taper']} come within "
-                           f"{dnn['tolerance']:.0%} of the CNN's {target} parameters "
+                           f"{dnn.hidden_layers} and taper={dnn.taper} come within "
+                           f"{dnn.tolerance:.0%} of the CNN's {target} parameters "
                            f"(closest: {got}); change dnn.hidden_layers or dnn.taper")
     return widths_for(base)
 
@@ -233,7 +275,10 @@ def build(kind, config, input_size, members=1):
     def one():
         if kind == "cnn":
             return FerCNN(config, input_size)
-        return FerDNN(config["widths"], config, input_size)
+        # the saved config: the dnn: section's keys and the widths (DnnConfig.with_widths)
+        return FerDNN(config["widths"],
+                      DnnConfig(**{k: v for k, v in config.items() if k != "widths"}),
+                      input_size)
     return one() if members == 1 else Ensemble([one() for _ in range(members)])
 
 

@@ -9,6 +9,7 @@ of a classify run, without reading files or detecting faces. torch runs in fp32,
 where the CPU runs it natively; onnxruntime in fp32.
 """
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -34,21 +35,31 @@ def faces_per_second(model, faces, crop, tta, rt, seconds=5.0, passes=3):
     return best
 
 
-def measure(model_path, graph_path, faces, threads, ttas, batch, seconds=5.0):
-    """Rows of backend, precision, threads, tta and faces/s."""
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """What measure times: each thread count in `threads` with each tta mode in `ttas`, in
+    batches of `batch`, each measurement going on for `seconds`."""
+    threads: list
+    ttas: list
+    batch: int
+    seconds: float = 5.0
+
+
+def measure(model_path, graph_path, faces, sweep):
+    """Rows of backend, precision, threads, tta and faces/s over the `sweep`."""
     net, ckpt = networks.load(model_path)
     rows = []
-    for n in threads:
-        fp32 = runtime.make("cpu", n, "fp32", batch)
+    for n in sweep.threads:
+        fp32 = runtime.make("cpu", n, "fp32", sweep.batch)
         auto = fp32.with_precision("auto")  # bf16 only where this CPU runs it natively
         graph = release.load_onnx(graph_path, n)[0] if graph_path else None
-        for tta in ttas:
+        for tta in sweep.ttas:
             for rt in [fp32] + ([auto] if auto.precision == "bf16" else []):
                 rows.append(("torch", rt.precision, n, tta, faces_per_second(
-                    net, faces, ckpt["input_size"], tta, rt, seconds)))
+                    net, faces, ckpt["input_size"], tta, rt, sweep.seconds)))
             if graph:
                 rows.append(("onnxruntime", "fp32", n, tta, faces_per_second(
-                    graph, faces, ckpt["input_size"], tta, fp32, seconds)))
+                    graph, faces, ckpt["input_size"], tta, fp32, sweep.seconds)))
     return rows
 
 
@@ -72,8 +83,8 @@ def main(argv=None):
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16 {runtime.native_bf16(torch.device('cpu'))}; {len(faces)} faces, batch {a.batch}")
     print("| backend | precision | threads | tta | faces/s |\n|---|---|---|---|---|")
-    for backend, precision, n, tta, rate in measure(a.model, graph, faces, a.threads, a.tta, a.batch,
-                                                    a.seconds):
+    sweep = Sweep(a.threads, a.tta, a.batch, a.seconds)
+    for backend, precision, n, tta, rate in measure(a.model, graph, faces, sweep):
         print(f"| {backend} | {precision} | {n} | {tta} | {rate:,.0f} |", flush=True)
 
 

@@ -11,6 +11,7 @@ against the card are what release/ holds and what release.load_onnx / release.lo
 refuse on a mismatch.
 """
 import copy
+import dataclasses
 import hashlib
 import io
 import subprocess
@@ -24,13 +25,38 @@ from ferpipe import runtime
 from ferpipe.constants import EMOTIONS, IMAGE_SIZE
 from ferpipe.errors import FerPipeError
 from ferpipe.model import infer, networks
-from ferpipe.params import choice, integer
+from ferpipe.params import choice, integer, section
 from ferpipe.use import faces
 
 SCHEMA = {
     "precision": choice("fp32", "fp16"),  # of the stored weights; onnxruntime computes in fp32
     "opset": integer(lo=13, hi=21),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """The `export:` section, as SCHEMA validated it (same fields, same order)."""
+    precision: str
+    opset: int
+
+    @classmethod
+    def from_params(cls, values, where="export"):
+        """Validate an `export:` section (a dict, as in params.yaml) and build it."""
+        return cls(**section(SCHEMA)(values, where))
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    """What export made and measured, as the card describes it: the serialized graph and
+    PyTorch weights with the file names they go to, the graph's `parity` with PyTorch and
+    its `accuracy` (release_accuracy)."""
+    graph: bytes
+    graph_name: str
+    weights: bytes
+    weights_name: str
+    parity: dict
+    accuracy: dict
 INPUT, OUTPUT = "faces", "probabilities"
 MAX_BYTES = 10 * 1024 * 1024  # what git carries in release/
 # What an fp32 graph must match on validation faces (the issue's bar); an fp16 one records
@@ -62,9 +88,9 @@ def to_onnx(model, crop, temperature, settings):
         warnings.simplefilter("ignore")
         torch.onnx.export(graph, torch.zeros(1, 1, crop, crop), buf, input_names=[INPUT],
                           output_names=[OUTPUT], dynamic_axes={INPUT: {0: "N"}, OUTPUT: {0: "N"}},
-                          opset_version=settings["opset"], do_constant_folding=True, dynamo=False)
+                          opset_version=settings.opset, do_constant_folding=True, dynamo=False)
     proto = onnx.load_from_string(buf.getvalue())
-    if settings["precision"] == "fp16":
+    if settings.precision == "fp16":
         half_weights(proto)
     onnx.checker.check_model(proto)
     return within_release(proto.SerializeToString(), "the ONNX graph", settings)
@@ -73,7 +99,7 @@ def to_onnx(model, crop, temperature, settings):
 def within_release(data, what, settings):
     """`data`, refused when over MAX_BYTES, naming the setting that shrinks it."""
     if len(data) > MAX_BYTES:
-        hint = "set export.precision: fp16" if settings["precision"] == "fp32" else \
+        hint = "set export.precision: fp16" if settings.precision == "fp32" else \
             "release a smaller network (cnn:) or fewer ensemble.members"
         raise FerPipeError(f"{what} is {len(data) / 2**20:.1f} MB, over the "
                            f"{MAX_BYTES / 2**20:.0f} MB that release/ may hold; {hint}")
@@ -85,7 +111,7 @@ def weights(model, ckpt, settings):
     saves one (kind, config, input_size, members, state_dict; networks.load rebuilds it) without
     the training record, the float tensors in the stored precision of the graph (fp16 halves
     the file; loading casts them back into the fp32 network)."""
-    dtype = torch.float16 if settings["precision"] == "fp16" else torch.float32
+    dtype = torch.float16 if settings.precision == "fp16" else torch.float32
     release = networks.checkpoint(model, ckpt["kind"], ckpt["config"], ckpt["input_size"], {})
     release["state_dict"] = {k: v.to(dtype) if v.is_floating_point() else v
                              for k, v in release["state_dict"].items()}
@@ -176,18 +202,18 @@ def git_commit():
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def card(graph, file_name, weights_data, weights_name, model, ckpt, calibration, measured,
-         accuracy, settings, trained_on):
-    """The model card: what the graph expects, returns and scored (`accuracy`, from
-    release_accuracy; evaluate's PyTorch figures beside it), and the sha256 of the graph and
-    of the PyTorch weights that loading checks them against."""
+def card(made, model, ckpt, calibration, settings, trained_on):
+    """The model card of `made` (an Exported): what the graph expects, returns and scored
+    (its accuracy; evaluate's PyTorch figures beside it), and the sha256 of the graph and of
+    the PyTorch weights that loading checks them against."""
     crop = ckpt["input_size"]
     tta = calibration["tta"]
+    graph, file_name, weights_data = made.graph, made.graph_name, made.weights
     return {
         "file": file_name,
         "sha256": hashlib.sha256(graph).hexdigest(),
         "bytes": len(graph),
-        "weights": {"file": weights_name, "sha256": hashlib.sha256(weights_data).hexdigest(),
+        "weights": {"file": made.weights_name, "sha256": hashlib.sha256(weights_data).hexdigest(),
                     "bytes": len(weights_data),
                     "holds": "the PyTorch network for Grad-CAM (classify --explain) and "
                              "--backend torch: a dict of kind, config, input_size, members and "
@@ -216,12 +242,12 @@ def card(graph, file_name, weights_data, weights_name, model, ckpt, calibration,
         },
         "temperature": calibration["temperature"],
         "tta": calibration["tta"],
-        "precision": settings["precision"],
-        "opset": settings["opset"],
+        "precision": settings.precision,
+        "opset": settings.opset,
         "architecture": ckpt["config"],
         "members": ckpt.get("members", 1),
         "params": networks.count_params(model),
-        "accuracy": accuracy,
+        "accuracy": made.accuracy,
         "accuracy_scored_as": f"the release: {file_name} through onnxruntime (CPU, fp32), the "
                               f"probabilities of the {tta} views averaged after the graph's "
                               "temperature, as `ferpipe classify --no-detect` gives them on "
@@ -232,7 +258,7 @@ def card(graph, file_name, weights_data, weights_name, model, ckpt, calibration,
                                       "views' probabilities averaged before any temperature",
         "calibration": {"fitted_on": calibration["fitted_on"], **calibration["ece"]},
         "trained_on": trained_on,
-        "parity": measured,
+        "parity": made.parity,
         "checkpoint_sha256": calibration["model_sha256"],
         "git_commit": git_commit(),
     }
