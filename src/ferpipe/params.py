@@ -6,6 +6,7 @@ A schema maps each key to a checker: a function (value, where) -> value that rai
 FerPipeError naming the key and the problem.
 """
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -88,6 +89,20 @@ def section(schema):
             raise FerPipeError(f"{PARAMS_FILE}: {where}.{missing[0]}: missing key")
         return {k: schema[k](value[k], f"{where}.{k}") for k in schema}
     return check
+
+
+class Section:
+    """Base of the frozen dataclasses that hold one params.yaml section each: a subclass sets
+    SCHEMA (its fields are SCHEMA's keys, in order, so dataclasses.asdict gives the section's
+    dict back) and NAME (the section, for error messages)."""
+    SCHEMA: ClassVar[dict]
+    NAME: ClassVar[str]
+
+    @classmethod
+    def from_params(cls, values, where=None):
+        """Validate a section's dict (as in params.yaml) with SCHEMA, the checks and messages
+        of params.load, and build the object."""
+        return cls(**section(cls.SCHEMA)(values, where or cls.NAME))
 
 
 def _range(lo, hi, lo_open=False, hi_open=False):

@@ -23,13 +23,14 @@ import io
 import re
 import warnings
 from pathlib import Path, PurePosixPath
+from typing import ClassVar
 
 import numpy as np
 
 from ferpipe.constants import EMOTIONS, IMAGE_SIZE, UNLABELLED, USAGES
 from ferpipe.data import sources
 from ferpipe.errors import FerPipeError
-from ferpipe.params import choice, integer, section, string
+from ferpipe.params import Section, choice, integer, string
 
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -58,8 +59,11 @@ PREPARE_SCHEMA = {
 
 
 @dataclasses.dataclass(frozen=True)
-class PrepareConfig:
+class PrepareConfig(Section):
     """The `prepare:` section, as PREPARE_SCHEMA validated it (same fields, same order)."""
+    SCHEMA: ClassVar[dict] = PREPARE_SCHEMA
+    NAME: ClassVar[str] = "prepare"
+
     raw: str
     on_error: str
     max_image_pixels: int
@@ -67,11 +71,6 @@ class PrepareConfig:
     max_archive_entries: int
     near_duplicates: int
     dedupe: str
-
-    @classmethod
-    def from_params(cls, values, where="prepare"):
-        """Validate a `prepare:` section (a dict, as in params.yaml) and build it."""
-        return cls(**section(PREPARE_SCHEMA)(values, where))
 
 
 class Problems:

@@ -3,6 +3,7 @@ data/prepared/faces.npz back, and a stratified, seeded validation set carved fro
 that keeps each duplicate group on one side."""
 import dataclasses
 import math
+from typing import ClassVar
 
 import numpy as np
 
@@ -10,7 +11,7 @@ from ferpipe.constants import EMOTIONS, IMAGE_SIZE, UNLABELLED, USAGES
 from ferpipe.data import duplicates
 from ferpipe.errors import FerPipeError
 from ferpipe.files import load_npz
-from ferpipe.params import integer, number, section
+from ferpipe.params import Section, integer, number
 
 SCHEMA = {
     "val_fraction": number(lo=0.0, hi=0.5, lo_open=True),
@@ -19,15 +20,13 @@ SCHEMA = {
 
 
 @dataclasses.dataclass(frozen=True)
-class SplitConfig:
+class SplitConfig(Section):
     """The `split:` section, as SCHEMA validated it (same fields, same order)."""
+    SCHEMA: ClassVar[dict] = SCHEMA
+    NAME: ClassVar[str] = "split"
+
     val_fraction: float
     seed: int
-
-    @classmethod
-    def from_params(cls, values, where="split"):
-        """Validate a `split:` section (a dict, as in params.yaml) and build it."""
-        return cls(**section(SCHEMA)(values, where))
 
 
 def load_prepared(path):

@@ -2,6 +2,7 @@
 every labelled split, the TTA sweep on validation, the CNN-versus-DNN comparison, and the
 calibration of the CNN (expected calibration error, reliability, one fitted temperature)."""
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
@@ -10,7 +11,7 @@ from ferpipe import plots
 from ferpipe.constants import EMOTIONS
 from ferpipe.data import duplicates
 from ferpipe.model import infer
-from ferpipe.params import choice, integer, list_of, section
+from ferpipe.params import Section, choice, integer, list_of
 
 SCHEMA = {
     "misclassified": integer(lo=0, hi=200),  # faces in the misclassified-validation grid
@@ -20,16 +21,14 @@ SCHEMA = {
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Section):
     """The `evaluate:` section, as SCHEMA validated it (same fields, same order)."""
+    SCHEMA: ClassVar[dict] = SCHEMA
+    NAME: ClassVar[str] = "evaluate"
+
     misclassified: int
     seed: int
     tta_modes: list
-
-    @classmethod
-    def from_params(cls, values, where="evaluate"):
-        """Validate an `evaluate:` section (a dict, as in params.yaml) and build it."""
-        return cls(**section(SCHEMA)(values, where))
 
 
 @dataclasses.dataclass

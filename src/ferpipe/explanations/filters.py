@@ -5,6 +5,7 @@ under the ascent, the feature maps of one face, the first convolution's kernels 
 DNN's first-layer weights, and the stage's metrics."""
 import dataclasses
 import math
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from ferpipe.explanations.probe import (
     probing,
 )
 from ferpipe.model.infer import device_of
-from ferpipe.params import PARAMS_FILE, integer, list_of, number, section, string
+from ferpipe.params import PARAMS_FILE, Section, integer, list_of, number, string
 
 SCHEMA = {
     "layers": list_of(string(), min_len=1),     # names as in model.named_modules()
@@ -47,9 +48,12 @@ OBJECTIVES = ("centre", "mean")  # the centre unit of the layer; the mean of its
 
 
 @dataclasses.dataclass(frozen=True)
-class FiltersConfig:
+class FiltersConfig(Section):
     """The `filters:` section, as SCHEMA validated it (same fields, same order): the layers
     and filters shown, and the settings of the gradient ascent."""
+    SCHEMA: ClassVar[dict] = SCHEMA
+    NAME: ClassVar[str] = "filters"
+
     layers: list
     filters: int
     steps: int
@@ -66,11 +70,6 @@ class FiltersConfig:
     face_proximity: float
     feature_maps: int
     dnn_units: int
-
-    @classmethod
-    def from_params(cls, values, where="filters"):
-        """Validate a `filters:` section (a dict, as in params.yaml) and build it."""
-        return cls(**section(SCHEMA)(values, where))
 
 
 def filter_objective(model, module, x, filters, centre=False):

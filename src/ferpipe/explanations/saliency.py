@@ -3,6 +3,7 @@ Grad-CAM maps of chosen faces, class-average maps over a split, and the stage's 
 Inputs and layers are handled as in probe (fp32, test-time crop, frozen eval-mode models)."""
 import dataclasses
 import math
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from ferpipe.explanations.probe import (
     probing,
 )
 from ferpipe.model.infer import center_crop, device_of
-from ferpipe.params import choice, integer, number, section, string
+from ferpipe.params import Section, choice, integer, number, string
 
 SCHEMA = {
     "per_class": integer(lo=1, hi=20),          # validation faces per class in the face figures
@@ -38,8 +39,11 @@ SCHEMA = {
 
 
 @dataclasses.dataclass(frozen=True)
-class SaliencyConfig:
+class SaliencyConfig(Section):
     """The `saliency:` section, as SCHEMA validated it (same fields, same order)."""
+    SCHEMA: ClassVar[dict] = SCHEMA
+    NAME: ClassVar[str] = "saliency"
+
     per_class: int
     misclassified: int
     target: str
@@ -52,11 +56,6 @@ class SaliencyConfig:
     gradcam_layer: str
     centre: float
     batch_size: int
-
-    @classmethod
-    def from_params(cls, values, where="saliency"):
-        """Validate a `saliency:` section (a dict, as in params.yaml) and build it."""
-        return cls(**section(SCHEMA)(values, where))
 
 
 def last_conv_layer(model):

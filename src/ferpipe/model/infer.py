@@ -7,12 +7,13 @@ evaluate, predict, self_train's pseudo-labels and the per-epoch validation all s
 import contextlib
 import dataclasses
 import time
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ferpipe.params import choice, section
+from ferpipe.params import Section, choice
 
 TTA_MODES = ("none", "flip", "tencrop", "grid", "grid_zoom")
 
@@ -24,14 +25,12 @@ SCHEMA = {
 
 
 @dataclasses.dataclass(frozen=True)
-class InferConfig:
+class InferConfig(Section):
     """The `infer:` section, as SCHEMA validated it (same fields, same order)."""
-    tta: str
+    SCHEMA: ClassVar[dict] = SCHEMA
+    NAME: ClassVar[str] = "infer"
 
-    @classmethod
-    def from_params(cls, values, where="infer"):
-        """Validate an `infer:` section (a dict, as in params.yaml) and build it."""
-        return cls(**section(SCHEMA)(values, where))
+    tta: str
 
 
 # ---------------------------------------------------------------- running a network

@@ -8,13 +8,14 @@ checkpoints saved before a key existed. The `dnn:` and `ensemble:` sections are 
 import dataclasses
 import math
 from collections import OrderedDict
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from ferpipe.constants import NUM_CLASSES
 from ferpipe.errors import FerPipeError
-from ferpipe.params import boolean, choice, integer, list_of, number, section
+from ferpipe.params import Section, boolean, choice, integer, list_of, number
 
 ACTIVATIONS = ("relu", "prelu", "elu", "leaky_relu", "gelu")
 
@@ -67,8 +68,11 @@ ENSEMBLE_SCHEMA = {
 
 
 @dataclasses.dataclass(frozen=True)
-class DnnConfig:
+class DnnConfig(Section):
     """The `dnn:` section, as DNN_SCHEMA validated it (same fields, same order)."""
+    SCHEMA: ClassVar[dict] = DNN_SCHEMA
+    NAME: ClassVar[str] = "dnn"
+
     hidden_layers: int
     taper: float
     batch_norm: bool
@@ -76,25 +80,18 @@ class DnnConfig:
     dropout: float
     tolerance: float
 
-    @classmethod
-    def from_params(cls, values, where="dnn"):
-        """Validate a `dnn:` section (a dict, as in params.yaml) and build it."""
-        return cls(**section(DNN_SCHEMA)(values, where))
-
     def with_widths(self, widths):
         """The DNN's config as checkpoints save it: the section's dict and its `widths`."""
         return {**dataclasses.asdict(self), "widths": widths}
 
 
 @dataclasses.dataclass(frozen=True)
-class EnsembleConfig:
+class EnsembleConfig(Section):
     """The `ensemble:` section, as ENSEMBLE_SCHEMA validated it."""
-    members: int
+    SCHEMA: ClassVar[dict] = ENSEMBLE_SCHEMA
+    NAME: ClassVar[str] = "ensemble"
 
-    @classmethod
-    def from_params(cls, values, where="ensemble"):
-        """Validate an `ensemble:` section (a dict, as in params.yaml) and build it."""
-        return cls(**section(ENSEMBLE_SCHEMA)(values, where))
+    members: int
 
 
 def resolve_cnn_config(arch):

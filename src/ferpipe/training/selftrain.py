@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import time
 from pathlib import Path, PurePosixPath
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from ferpipe import files, paths
 from ferpipe.constants import EMOTIONS, NUM_CLASSES
 from ferpipe.errors import FerPipeError
 from ferpipe.model import infer
-from ferpipe.params import boolean, choice, integer, number, section
+from ferpipe.params import Section, boolean, choice, integer, number
 from ferpipe.training import distributed, live, train
 
 SCHEMA = {
@@ -44,8 +45,11 @@ SCHEMA = {
 
 
 @dataclasses.dataclass(frozen=True)
-class SelfTrainConfig:
+class SelfTrainConfig(Section):
     """The `self_train:` section, as SCHEMA validated it (same fields, same order)."""
+    SCHEMA: ClassVar[dict] = SCHEMA
+    NAME: ClassVar[str] = "self_train"
+
     unlabeled_fraction: float
     seed: int
     rounds: int
@@ -55,11 +59,6 @@ class SelfTrainConfig:
     retrain: str
     epochs: int
     tta: str
-
-    @classmethod
-    def from_params(cls, values, where="self_train"):
-        """Validate a `self_train:` section (a dict, as in params.yaml) and build it."""
-        return cls(**section(SCHEMA)(values, where))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import hashlib
 import io
 import subprocess
 import warnings
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from ferpipe import runtime
 from ferpipe.constants import EMOTIONS, IMAGE_SIZE
 from ferpipe.errors import FerPipeError
 from ferpipe.model import infer, networks
-from ferpipe.params import choice, integer, section
+from ferpipe.params import Section, choice, integer
 from ferpipe.use import faces
 
 SCHEMA = {
@@ -35,15 +36,13 @@ SCHEMA = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Section):
     """The `export:` section, as SCHEMA validated it (same fields, same order)."""
+    SCHEMA: ClassVar[dict] = SCHEMA
+    NAME: ClassVar[str] = "export"
+
     precision: str
     opset: int
-
-    @classmethod
-    def from_params(cls, values, where="export"):
-        """Validate an `export:` section (a dict, as in params.yaml) and build it."""
-        return cls(**section(SCHEMA)(values, where))
 
 
 @dataclasses.dataclass(frozen=True)
