@@ -3,6 +3,8 @@
     python -m ferpipe.tools.bench custom vgg --steps 60
     python -m ferpipe.tools.bench custom --precision fp32 bf16   # compare precisions
     python -m ferpipe.tools.bench custom --compile    # the same with torch.compile, to see if it pays
+    python -m ferpipe.tools.bench custom --batch-size 64 128 256 512   # larger batches
+    python -m ferpipe.tools.bench custom --cnn residual=true --cnn 'convs=[1,2,2,2]'  # a variant
 
 Each preset takes `--steps` optimiser steps (after 10 warm-up steps) of the training loop's
 own `train.train_step` on shuffled batches of the prepared training faces, with the
@@ -53,6 +55,19 @@ def images_per_second(model, faces, labels, training, rt, steps):
     return steps * training.batch_size / (time.perf_counter() - t0)
 
 
+def overrides(pairs):
+    """`KEY=VALUE` strings as a dict, each value read as YAML (true, 0.1, [1, 2, 2, 2])."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"bench: --cnn {pair!r}: expected KEY=VALUE, e.g. residual=true")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def describe(hw):
     if "gpu" in hw:
         return f"GPU {hw['gpu']}"
@@ -69,29 +84,38 @@ def main(argv=None):
                     help="precisions to time (default: runtime.precision)")
     ap.add_argument("--compile", action="store_true",
                     help="wrap each model in torch.compile (compilation happens in the warm-up steps)")
+    ap.add_argument("--batch-size", type=int, nargs="+",
+                    help="training batch sizes to time (default: train.batch_size)")
+    ap.add_argument("--cnn", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of the cnn: section (a YAML value), as "
+                         "`dvc exp run -S cnn.KEY=VALUE` would; repeat for several")
     args = ap.parse_args(argv)
     p = params.load({"cnn": networks.CNN_SCHEMA, "train": train.SCHEMA, "runtime": runtime.SCHEMA})
     training = train.TrainConfig.from_params(p["train"])
+    arch = params.section(networks.CNN_SCHEMA)({**p["cnn"], **overrides(args.cnn)}, "cnn")
     rt = runtime.setup(p["runtime"])
     device = rt.device
     splits = files.load_npz(args.splits, "data splits", ("train_x", "train_y"))
     faces, labels = splits["train_x"], splits["train_y"].astype(np.int64)
     print(f"bench: {describe(rt.hardware)}; {rt.threads} threads; torch {torch.__version__}",
           flush=True)
+    changed = "".join(f", {o}" for o in args.cnn)
     for preset in args.presets:
         for asked in args.precision or [rt.precision_requested]:
-            timed = rt.with_precision(asked)
-            torch.manual_seed(training.seed)
-            model = networks.FerCNN({**p["cnn"], "preset": preset}, training.crop)
-            n_params = networks.count_params(model)
-            if args.compile:
-                model = torch.compile(model)
-            rate = images_per_second(model, faces, labels, training, timed, args.steps)
-            print(f"{preset}{' (compiled)' if args.compile else ''}: {n_params:,} parameters, "
-                  f"{rate:.0f} training images/s "
-                  f"({device.type}, {rt.threads} threads, {timed.precision}"
-                  f"{' from auto' if asked == 'auto' else ''}, batch {training.batch_size}); "
-                  f"an epoch of {len(labels):,} faces ≈ {len(labels) / rate:.0f} s", flush=True)
+            for batch_size in args.batch_size or [training.batch_size]:
+                timed = rt.with_precision(asked)
+                sized = dataclasses.replace(training, batch_size=batch_size)
+                torch.manual_seed(training.seed)
+                model = networks.FerCNN({**arch, "preset": preset}, training.crop)
+                n_params = networks.count_params(model)
+                if args.compile:
+                    model = torch.compile(model)
+                rate = images_per_second(model, faces, labels, sized, timed, args.steps)
+                print(f"{preset}{changed}{' (compiled)' if args.compile else ''}: "
+                      f"{n_params:,} parameters, {rate:.0f} training images/s "
+                      f"({device.type}, {rt.threads} threads, {timed.precision}"
+                      f"{' from auto' if asked == 'auto' else ''}, batch {batch_size}); "
+                      f"an epoch of {len(labels):,} faces ≈ {len(labels) / rate:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
