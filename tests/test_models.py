@@ -235,6 +235,24 @@ def test_bench_compares_precisions(bench_workspace, capsys):
     assert "1 threads, fp32, batch 8" in lines[0] and "1 threads, bf16, batch 8" in lines[1]
 
 
+def test_bench_times_batch_sizes_and_network_variants(bench_workspace, capsys):
+    """--batch-size times each size; --cnn KEY=VALUE changes the network as `dvc exp run -S
+    cnn.KEY=VALUE` would (validated by the cnn: schema), and the line says what changed."""
+    from ferpipe.errors import FerPipeError
+    from ferpipe.tools import bench
+
+    bench.main(["custom", "--steps", "1", "--splits", "splits.npz", "--batch-size", "4", "8",
+                "--cnn", "residual=true", "--cnn", "convs=[1, 2, 2, 2]"])
+    _, *lines = capsys.readouterr().out.splitlines()
+    assert ["batch 4" in lines[0], "batch 8" in lines[1]] == [True, True]
+    assert all(line.startswith("custom, residual=true, convs=[1, 2, 2, 2]: ") for line in lines)
+    assert "456,167 parameters" not in lines[0]  # not the default network
+    with pytest.raises(FerPipeError, match="cnn.residual"):
+        bench.main(["custom", "--steps", "1", "--splits", "splits.npz", "--cnn", "residual=maybe"])
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        bench.main(["custom", "--steps", "1", "--splits", "splits.npz", "--cnn", "residual"])
+
+
 def test_bench_compile_wraps_the_model_it_times(bench_workspace, monkeypatch, capsys):
     from ferpipe.tools import bench
 
