@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -238,50 +239,55 @@ def test_report_is_one_self_contained_page(repo):
     assert ignored.returncode == 0
 
 
-def test_figures_and_records_are_committed_with_the_run():
-    """A fresh clone has no DVC remote: every output the pages read (plots/, dvclive/,
-    metrics/, release/; every PNG among them) is `cache: false`, so git carries it, and no
-    .gitignore keeps it out. Only the data and models stay in DVC's cache."""
+def test_records_are_committed_and_images_stay_in_the_cache():
+    """A fresh clone has no DVC remote: every record the pages draw from (plots/ tables,
+    dvclive/, metrics/, release/) is `cache: false`, so git carries it, and no .gitignore
+    keeps it out; the images (PNG), like the data and models, stay in DVC's cache, out of git."""
     outs = {}
     for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
         for o in stage.get("outs", []) + stage.get("metrics", []):
             path, opts = next(iter(o.items())) if isinstance(o, dict) else (o, {})
             outs[path] = opts
-    pages = {p for p in outs if p.startswith(("plots/", "dvclive/", "metrics/", "release/"))}
-    assert {p for p in outs if p.endswith(".png")} <= pages
-    cached = sorted(p for p in pages if outs[p].get("cache", True))
+    images_ = {p for p in outs if p.endswith(".png")}
+    assert images_ and all(outs[p].get("cache", True) for p in images_), \
+        "an image figure in git: keep it in DVC's cache"
+    records = {p for p in outs if p.startswith(("plots/", "dvclive/", "metrics/", "release/"))
+               and p not in images_}
+    cached = sorted(p for p in records if outs[p].get("cache", True))
     assert not cached, f"in DVC's cache, so missing from a clone: {cached}"
-    assert set(outs) - pages == {paths.PREPARED, paths.SPLITS, *paths.MODEL.values(),
-                                 paths.CALIBRATION, paths.SELF_TRAIN_MODEL, paths.PREDICTIONS}
+    assert set(outs) - records - images_ == {
+        paths.PREPARED, paths.SPLITS, *paths.MODEL.values(), paths.CALIBRATION,
+        paths.SELF_TRAIN_MODEL, paths.PREDICTIONS}
     if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
-    ignored = subprocess.run(["git", "check-ignore", "--no-index", "-v", *sorted(pages)],
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "-v", *sorted(records)],
                              cwd=ROOT, capture_output=True, text=True)
     assert ignored.returncode == 1, f"git ignores outputs a clone needs:\n{ignored.stdout}"
 
 
 @pytest.mark.slow
-def test_a_clone_shows_the_committed_figures_and_redraws_lost_ones(repo, tmp_path):
-    """`git clone` of the committed tiny run has every figure; with the PNGs deleted, the
-    report draws the curves and confusion matrices from the committed CSVs, keeps the
-    calibration, and its last line counts the missing figures and names the command."""
+def test_a_clone_redraws_the_figures_it_can_and_names_the_rest(repo, tmp_path):
+    """`git clone` of the committed tiny run has no PNG (they stay in DVC's cache); the report
+    draws the curves and confusion matrices from the committed CSVs, keeps the calibration,
+    and its last line counts the missing figures and names the command. In the workspace,
+    with every figure there, nothing is missing."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
     pngs = sorted(p.relative_to(repo).as_posix() for p in (repo / "plots").glob("*.png"))
-    assert len(pngs) >= 18 and all((clone / p).is_file() for p in pngs)
+    assert len(pngs) >= 18 and not any((clone / p).exists() for p in pngs)
 
-    def make_report():
-        proc = subprocess.run([sys.executable, "-m", "ferpipe.tools.report", "--no-diff"], cwd=clone,
-                              env=demo.env_for(clone), capture_output=True, text=True)
+    def make_report(where):
+        proc = subprocess.run([sys.executable, "-m", "ferpipe.tools.report", "--no-diff"], cwd=where,
+                              env=demo.env_for(where), capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
-        return proc.stdout.strip().splitlines()[-1], (clone / "report.html").read_text()
-    last, html = make_report()
+        return proc.stdout.strip().splitlines()[-1], (where / "report.html").read_text()
+    work = tmp_path / "work"  # a copy of the workspace, which has every figure
+    shutil.copytree(repo, work, symlinks=True)
+    last, html = make_report(work)
     assert re.fullmatch(r"report: wrote .*report\.html with all \d+ figures", last), last
     assert 'id="missing"' not in html and "not available (plots/" not in html
 
-    for p in pngs:
-        (clone / p).unlink()
-    last, html = make_report()
+    last, html = make_report(clone)
     sections = {k: html.split(f'<section id="{k}">')[1].split("</section>")[0]
                 for k in ("curves", "confusion", "calibration")}
     assert len(images(sections["curves"])) == 1
