@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED_ZIP)),)
 export FER2013_ZIP ?= $(abspath $(SHARED_ZIP))
 endif
 
-.PHONY: install test test-fast demo gpu-check run data clean-demo report
+.PHONY: install test test-fast demo gpu-check run data clean-demo report release
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ data:
 
 run: install data
 	dvc repro
+
+# The release model (release/recipe.yaml) trained in a clone, build/release/, and copied into
+# release/ with its model card; hours on a CPU (docs/benchmarks.md). THREADS=N sets
+# runtime.threads for it. Rerun to resume after an interruption.
+THREADS ?= 0
+release: install data
+	$(PY) -m ferpipe.tools.build_release --threads $(THREADS)
 
 # One self-contained HTML page of the run in this folder (after dvc repro): report.html,
 # git-ignored, viewable offline (images inlined, no scripts).

@@ -1,7 +1,7 @@
 """Stage export: models/cnn.pt as one ONNX graph with the temperature evaluate fitted inside
 it, checked against PyTorch on the validation faces and scored through onnxruntime on the
-labelled splits, its PyTorch weights (for Grad-CAM), and its model card; all go to release/,
-which git carries, so a fresh clone classifies (and explains) without training."""
+labelled splits, its PyTorch weights (for Grad-CAM), and its model card; all go to
+models/export/. `make release` copies them into release/ from its long-trained run."""
 import json
 from pathlib import Path
 
@@ -14,9 +14,9 @@ IN_MODEL = paths.MODEL["cnn"]
 IN_CALIBRATION = paths.CALIBRATION
 IN_SPLITS = paths.SPLITS
 IN_DATA_METRICS = paths.DATA_METRICS
-OUT_ONNX = paths.RELEASE_ONNX
-OUT_WEIGHTS = paths.RELEASE_WEIGHTS
-OUT_CARD = paths.RELEASE_CARD
+OUT_ONNX = paths.EXPORT_ONNX
+OUT_WEIGHTS = paths.EXPORT_WEIGHTS
+OUT_CARD = paths.EXPORT_CARD
 
 
 def main():

@@ -258,24 +258,29 @@ def test_json_rows_and_a_missing_file(model_path, tmp_path, capsys):
 
 
 def test_the_model_used_by_default(tmp_path, monkeypatch, capsys):
-    """models/cnn.pt when the pipeline built it, else the release; neither is a clear error."""
+    """The release (release/) when it is there, else models/cnn.pt when the pipeline built it;
+    neither is a clear error."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(release, "ROOT", tmp_path)
     status, _, err = run(capsys, ASTRONAUT)
     assert status == 2 and "no model" in err and "release/fer_cnn.onnx" in err
+    save_tiny_cnn(tmp_path / "models" / "cnn.pt")  # no release: the pipeline's own CNN
+    assert release.locate() == (tmp_path / "models" / "cnn.pt", "torch")
+    assert release.locate(backend="torch") == (tmp_path / "models" / "cnn.pt", "torch")
+    (tmp_path / "models" / "cnn.pt").unlink()
     (tmp_path / "release").mkdir()
     (tmp_path / "release" / "fer_cnn.onnx").write_bytes(b"graph")
     assert release.locate() == (tmp_path / "release" / "fer_cnn.onnx", "onnx")
-    with pytest.raises(FerPipeError, match="no torch model: neither models/cnn.pt nor "
-                                           "release/fer_cnn.pt"):
+    with pytest.raises(FerPipeError, match="no torch model: neither release/fer_cnn.pt nor "
+                                           "models/cnn.pt"):
         release.locate(backend="torch")
     (tmp_path / "release" / "fer_cnn.pt").write_bytes(b"weights")  # what Grad-CAM runs
     assert release.locate(backend="torch") == (tmp_path / "release" / "fer_cnn.pt", "torch")
     assert release.locate() == (tmp_path / "release" / "fer_cnn.onnx", "onnx")  # still the default
-    save_tiny_cnn(tmp_path / "models" / "cnn.pt")
-    assert release.locate() == (tmp_path / "models" / "cnn.pt", "torch")
-    assert release.locate(backend="onnx")[1] == "onnx"
-    assert release.locate(backend="torch") == (tmp_path / "models" / "cnn.pt", "torch")
+    save_tiny_cnn(tmp_path / "models" / "cnn.pt")  # a pipeline's CNN: --model picks it
+    assert release.locate() == (tmp_path / "release" / "fer_cnn.onnx", "onnx")
+    assert release.locate(backend="torch") == (tmp_path / "release" / "fer_cnn.pt", "torch")
+    assert release.locate("models/cnn.pt") == (release.Path("models/cnn.pt"), "torch")
     assert release.locate("x.onnx") == (release.Path("x.onnx"), "onnx")
 
 

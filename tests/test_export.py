@@ -279,7 +279,7 @@ def independent_accuracy(graph_path, x, y):
 
 
 def test_the_export_stage(workspace, tmp_path, capsys):
-    """The stage script in a workspace: release/ from models/cnn.pt, the temperature from
+    """The stage script in a workspace: models/export/ from models/cnn.pt, the temperature from
     models/calibration.json, parity measured on the validation faces, the graph's own
     accuracy on validation and test, and the PyTorch weights beside it."""
     from PIL import Image
@@ -295,11 +295,12 @@ def test_the_export_stage(workspace, tmp_path, capsys):
     files.write_json(ws / "models" / "calibration.json", calibration_for(ws / "models" / "cnn.pt"))
     workspace.set_params(runtime={"threads": 1})
     proc = workspace.run("export")
-    assert "export: wrote release/fer_cnn.onnx" in proc.stdout
-    assert "and release/fer_cnn.pt" in proc.stdout
-    card = json.loads((ws / "release" / "model_card.json").read_text())
-    assert card["sha256"] == files.sha256(ws / "release" / "fer_cnn.onnx")
-    assert card["weights"]["sha256"] == files.sha256(ws / "release" / "fer_cnn.pt")
+    assert "export: wrote models/export/fer_cnn.onnx" in proc.stdout
+    assert "and models/export/fer_cnn.pt" in proc.stdout
+    out = ws / "models" / "export"
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["sha256"] == files.sha256(out / "fer_cnn.onnx")
+    assert card["weights"]["sha256"] == files.sha256(out / "fer_cnn.pt")
     assert card["parity"]["faces"] == len(x) and card["parity"]["argmax_agreement"] == 1.0
     assert card["trained_on"] == {"data": "fer2013_csv", "files": ["data/raw/x.csv"],
                                   "train_faces": 28, "val_faces": 28, "test_faces": 14}
@@ -311,7 +312,7 @@ def test_the_export_stage(workspace, tmp_path, capsys):
     for name, (faces_x, faces_y) in {"val": (x, y), "test": (test_x, test_y)}.items():
         assert card["accuracy"][name]["faces"] == len(faces_y)
         assert card["accuracy"][name]["accuracy"] == independent_accuracy(
-            ws / "release" / "fer_cnn.onnx", faces_x, faces_y)
+            out / "fer_cnn.onnx", faces_x, faces_y)
     assert card["pytorch_accuracy"] == calibration_for(ws / "models" / "cnn.pt")["accuracy"]
     # ... and what classify gives on those faces, one file each.
     folder = tmp_path / "val"
@@ -319,7 +320,7 @@ def test_the_export_stage(workspace, tmp_path, capsys):
     for i, face in enumerate(x):
         Image.fromarray(face).save(folder / f"{i:03d}.png")
     assert classify.run([str(folder), "--no-detect", "--model",
-                         str(ws / "release" / "fer_cnn.onnx")]) == 0
+                         str(out / "fer_cnn.onnx")]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     labels = np.array([int(r["label_index"]) for r in rows])
     assert len(set(labels)) > 1  # an untrained network, yet not one label for every face

@@ -103,19 +103,20 @@ def test_every_stage_runs_and_writes_its_outputs(repo):
     for split in ("val", "test"):
         assert 0 <= cal[split]["ece"] <= 1 and 0 <= cal[split]["ece_calibrated"] <= 1
     assert (ws / "plots/reliability_cnn.png").stat().st_size > 1000
-    # export: the release a fresh clone uses, recorded by dvc.lock, carried by git
-    card = json.loads((ws / "release/model_card.json").read_text())
-    assert card["sha256"] == files.sha256(ws / "release/fer_cnn.onnx")
+    # export: this run's CNN as ONNX, in models/export/ like the model (make release copies
+    # the long-trained recipe's into release/)
+    card = json.loads((ws / "models/export/model_card.json").read_text())
+    assert card["sha256"] == files.sha256(ws / "models/export/fer_cnn.onnx")
     assert card["temperature"] == cal["temperature"]
     assert card["pytorch_accuracy"]["test"]["accuracy"] == ev["cnn"]["test"]["accuracy"]
     assert card["accuracy"]["test"]["faces"] == 70 and 0 <= card["accuracy"]["test"]["accuracy"] <= 1
-    assert card["weights"]["sha256"] == files.sha256(ws / "release/fer_cnn.pt")
+    assert card["weights"]["sha256"] == files.sha256(ws / "models/export/fer_cnn.pt")
     assert card["parity"]["argmax_agreement"] >= 0.999 and card["parity"]["faces"] == 21
     assert re.fullmatch(r"[0-9a-f]{40}", card["git_commit"])
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["export"]
-    assert {o["path"] for o in lock["outs"]} == {"release/fer_cnn.onnx", "release/fer_cnn.pt",
-                                                 "release/model_card.json"}
-    assert not (ws / "release/.gitignore").exists()  # cache: false: git carries them
+    assert {o["path"] for o in lock["outs"]} == {"models/export/fer_cnn.onnx",
+                                                 "models/export/fer_cnn.pt",
+                                                 "models/export/model_card.json"}
     # metrics and plots are readable by DVC itself
     shown = json.loads(demo.dvc(ws, "metrics", "show", "--json", capture=True).stdout)
     declared = set(shown[""]["data"])
@@ -143,8 +144,8 @@ def test_the_demo_does_what_its_last_lines_say(repo, tmp_path):
 
 
 def test_classify_uses_the_release_in_a_clone(repo, tmp_path):
-    """Without models/cnn.pt (a fresh clone), classify runs the committed release, and
-    --explain its PyTorch weights."""
+    """In a fresh clone (no models/), classify runs the committed release (the files make
+    release copies from an export), and --explain its PyTorch weights."""
     import subprocess
     import sys
 
@@ -156,7 +157,7 @@ def test_classify_uses_the_release_in_a_clone(repo, tmp_path):
     subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
     (clone / "release").mkdir()
     for name in ("fer_cnn.onnx", "fer_cnn.pt", "model_card.json"):  # what release/ carries
-        (clone / "release" / name).write_bytes((ws / "release" / name).read_bytes())
+        (clone / "release" / name).write_bytes((ws / "models/export" / name).read_bytes())
     assert not (clone / "models/cnn.pt").exists()
     proc = subprocess.run([sys.executable, "-m", "ferpipe.use.classify", str(tmp_path), "--no-detect"],
                           cwd=clone, env=demo.env_for(clone), capture_output=True, text=True)
@@ -225,7 +226,7 @@ def test_ensemble_change_reruns_the_cnn_side_only_and_flows_through(repo):
     t = json.loads((ws / "metrics/train_cnn.json").read_text())
     assert t["members"] == 2 and len(t["member_val_accuracy"]) == 2
     assert len(pd.read_csv(ws / "predictions.csv")) == 70
-    assert json.loads((ws / "release/model_card.json").read_text())["members"] == 2
+    assert json.loads((ws / "models/export/model_card.json").read_text())["members"] == 2
 
 
 def test_a_stage_imports_the_library_beside_it(repo):

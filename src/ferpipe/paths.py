@@ -54,11 +54,19 @@ MISCLASSIFIED = {kind: f"plots/misclassified_{kind}_val.png" for kind in KINDS}
 
 PREDICTIONS = "predictions.csv"
 
-# The exported CNN, its PyTorch weights (for Grad-CAM) and its model card: committed
-# (cache: false), so a fresh clone classifies and explains.
+# The export stage's CNN as ONNX, its PyTorch weights (for Grad-CAM) and its model card: a
+# DVC output of this run, like models/cnn.pt.
+EXPORT_ONNX = "models/export/fer_cnn.onnx"
+EXPORT_WEIGHTS = "models/export/fer_cnn.pt"
+EXPORT_CARD = "models/export/model_card.json"
+
+# The release: the same three files from the long-trained recipe (release/recipe.yaml, `make
+# release`), committed in git, so a fresh clone classifies and explains; classify's default.
 RELEASE_ONNX = "release/fer_cnn.onnx"
 RELEASE_WEIGHTS = "release/fer_cnn.pt"
 RELEASE_CARD = "release/model_card.json"
+RELEASE_RECIPE = "release/recipe.yaml"
+RELEASE_BUILD = "build/release"  # the clone `make release` trains in (git-ignored)
 
 SALIENCY_FACES = "plots/saliency_faces.png"
 SALIENCY_CNN_VS_DNN = "plots/saliency_cnn_vs_dnn.png"

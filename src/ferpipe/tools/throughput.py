@@ -1,6 +1,6 @@
 """Inference throughput of classify's two backends on this machine, in faces per second:
 
-    python -m ferpipe.tools.throughput                      # models/cnn.pt and release/fer_cnn.onnx
+    python -m ferpipe.tools.throughput                      # models/cnn.pt and models/export/fer_cnn.onnx
     python -m ferpipe.tools.throughput --threads 1 4 --tta none tencrop
 
 48x48 faces (validation faces from data/splits.npz, else synthetic ones) go through
@@ -66,7 +66,7 @@ def measure(model_path, graph_path, faces, sweep):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=paths.MODEL["cnn"])
-    ap.add_argument("--onnx", default=paths.RELEASE_ONNX)
+    ap.add_argument("--onnx", default=paths.EXPORT_ONNX)
     ap.add_argument("--splits", default=paths.SPLITS)
     ap.add_argument("--faces", type=int, default=512)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()])

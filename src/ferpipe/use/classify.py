@@ -67,8 +67,8 @@ def parse_args(argv):
     ap.add_argument("--no-detect", action="store_true",
                     help="each whole image is one face (your own crops); no detection")
     ap.add_argument("--model", metavar="PATH",
-                    help="a .pt checkpoint or an exported .onnx (default: models/cnn.pt when "
-                         "built, else the release model)")
+                    help="a .pt checkpoint (models/cnn.pt: your pipeline's CNN) or an exported "
+                         ".onnx (default: the release, release/fer_cnn.onnx)")
     ap.add_argument("--backend", choices=("torch", "onnx"))
     ap.add_argument("--tta", choices=infer.TTA_MODES,
                     help="test-time views averaged (default: those the model was scored with)")
@@ -385,12 +385,12 @@ def run(argv=None):
     a = parse_args(argv)
     try:
         # Grad-CAM takes gradients, which onnxruntime does not give: --explain runs a torch
-        # network (models/cnn.pt, else the release's weights) unless told otherwise.
+        # network (the release's weights, else models/cnn.pt) unless told otherwise.
         backend = a.backend or ("torch" if a.explain and not a.model else None)
         if a.explain and locate(a.model, backend)[1] == "onnx":
             raise FerPipeError("--explain needs the torch model: Grad-CAM takes gradients, which "
-                               "onnxruntime does not give; use --backend torch (models/cnn.pt, "
-                               "else release/fer_cnn.pt) or --model PATH.pt")
+                               "onnxruntime does not give; use --backend torch (release/fer_cnn.pt, "
+                               "else models/cnn.pt) or --model PATH.pt")
         clf = load_classifier(a.model, backend, a.threads, a.precision)
     except FerPipeError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
-"""The model a user's run loads: the pipeline's own models/cnn.pt with the temperature
-evaluate fitted on it, or the committed release (release/fer_cnn.onnx, the PyTorch weights
-release/fer_cnn.pt that Grad-CAM needs, and their model card), each file's sha256 checked
-against the card before anything runs."""
+"""The model a user's run loads: the committed release (release/fer_cnn.onnx, the PyTorch
+weights release/fer_cnn.pt that Grad-CAM needs, and their model card, each file's sha256
+checked against the card before anything runs), or a pipeline's own models/cnn.pt with the
+temperature evaluate fitted on it."""
 import hashlib
 import json
 from pathlib import Path
@@ -134,24 +134,26 @@ def _first_existing(relative):
 
 def locate(model=None, backend=None):
     """(path, backend) classify uses: --model if given (backend from its suffix unless
-    named), else models/cnn.pt when the pipeline has built it (torch), else the release
-    graph (onnx); --backend alone picks that backend's default file: for torch,
-    models/cnn.pt when built, else the release's PyTorch weights."""
+    named), else the committed release (release/: the graph on onnxruntime, its PyTorch
+    weights for --backend torch), else models/cnn.pt when the pipeline has built it (torch).
+    The release is the long-trained model; a pipeline run's own CNN is --model models/cnn.pt."""
     if model:
         return Path(model), backend or ("onnx" if Path(model).suffix == ".onnx" else "torch")
-    built, released = _first_existing(paths.MODEL["cnn"]), _first_existing(paths.RELEASE_ONNX)
-    if backend == "torch" or (backend is None and built):
-        weights = built or _first_existing(paths.RELEASE_WEIGHTS)
-        if not weights:
-            raise FerPipeError(f"no torch model: neither {paths.MODEL['cnn']} nor "
-                               f"{paths.RELEASE_WEIGHTS} is here; train it (dvc repro train_cnn), "
-                               "restore release/ (git checkout release/), or use the release "
+    built = _first_existing(paths.MODEL["cnn"])
+    graph, weights = _first_existing(paths.RELEASE_ONNX), _first_existing(paths.RELEASE_WEIGHTS)
+    if backend == "torch":
+        if not (weights or built):
+            raise FerPipeError(f"no torch model: neither {paths.RELEASE_WEIGHTS} nor "
+                               f"{paths.MODEL['cnn']} is here; restore release/ (git checkout "
+                               "release/), train one (dvc repro train_cnn), or use the release "
                                "graph (--backend onnx)")
-        return weights, "torch"
-    if not released:
-        raise FerPipeError(f"no model: neither {paths.MODEL['cnn']} nor {paths.RELEASE_ONNX} is "
-                           "here; run dvc repro, or restore release/ (git checkout release/)")
-    return released, "onnx"
+        return weights or built, "torch"
+    if graph:
+        return graph, "onnx"
+    if backend is None and built:
+        return built, "torch"
+    raise FerPipeError(f"no model: neither {paths.RELEASE_ONNX} nor {paths.MODEL['cnn']} is "
+                       "here; restore release/ (git checkout release/), or run dvc repro")
 
 
 def load_classifier(model=None, backend=None, threads=0, precision="auto", batch_size=256):
