@@ -63,13 +63,20 @@ def load_onnx(path, threads=0):
     return OnnxModel(graph, threads), card
 
 
+def _remedy(path):
+    """How to get a good copy of a release file back: git carries release/ (make release
+    rebuilds it); a pipeline's export is a DVC output."""
+    if Path(path).parent.name == "release":
+        return "restore it (git checkout release/) or rebuild it (make release)"
+    return "restore it (dvc checkout) or remake it (dvc repro export)"
+
+
 def _file_and_card(path, records):
     """(card file, card) of a release file that is there, or a FerPipeError saying how to get
     it back; `records` says what the card holds that loading needs."""
     card_file = card_path(path)
     if not path.is_file():
-        raise FerPipeError(f"{path}: not found; run `dvc repro export`, or restore the release "
-                           "(git checkout release/)")
+        raise FerPipeError(f"{path}: not found; {_remedy(path)}")
     return card_file, _read_json(card_file, f"{path} is not loaded without the model card that "
                                             f"records {records}")
 
@@ -79,8 +86,7 @@ def _check(path, got, want, card, card_file):
     if got != want:
         raise FerPipeError(f"{path}: sha256 {got} does not match the {want} that {card_file} "
                            "records: the file is damaged or is not the model the card describes; "
-                           "restore both (git checkout release/) or re-export them "
-                           "(dvc repro export)")
+                           f"{_remedy(path)}, with its card")
     if card.get("classes") != list(EMOTIONS):
         raise FerPipeError(f"{card_file}: classes {card.get('classes')} are not this "
                            f"pipeline's {list(EMOTIONS)}")
@@ -95,7 +101,7 @@ def load_weights(path, device="cpu"):
     want = card.get("weights", {}).get("sha256")
     if want is None:
         raise FerPipeError(f"{card_file}: records no sha256 for {path.name} (a release exported "
-                           "before the PyTorch weights shipped); re-export it (dvc repro export)")
+                           f"before the PyTorch weights shipped); {_remedy(path)}")
     _check(path, sha256(path), want, card, card_file)
     net, ckpt = networks.load(path, device)
     return net, ckpt, card
