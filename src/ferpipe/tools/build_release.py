@@ -32,7 +32,7 @@ from ferpipe.errors import FerPipeError, run_stage
 COMMAND = "make release"
 MAX_RELEASE_BYTES = 20_000_000  # the graph and the weights together, as git carries them
 # The params sections that decide the trained model and its scores (runtime: speed only).
-RESULT_SECTIONS = ("prepare", "split", "cnn", "ensemble", "train", "infer", "export")
+RESULT_SECTIONS = ("prepare", "split", "cnn", "ensemble", "train", "infer", "export", "evaluate")
 
 
 def read_recipe(path=paths.RELEASE_RECIPE):
