@@ -130,7 +130,7 @@ def made_by(build, overrides, commit, threads):
     }
 
 
-def unseen_accuracy(build, graph, tta):
+def unseen_accuracy(build, graph, crop, tta):
     """The graph's PublicTest accuracy through onnxruntime on the faces with no copy in
     Training (export scores the whole split), with the card's views."""
     from ferpipe import runtime
@@ -141,7 +141,6 @@ def unseen_accuracy(build, graph, tta):
     splits = files.load_npz(build / paths.SPLITS, "data splits")
     mask = duplicates.unseen(splits, "test", build / paths.SPLITS)
     x, y = splits["test_x"][mask], splits["test_y"][mask]
-    crop = json.loads((build / paths.EXPORT_CARD).read_text())["input"]["shape"][-1]
     probs = infer.predict_proba(OnnxModel(graph), x, crop, tta, runtime.reference())
     return {"unseen_accuracy": float((probs.argmax(1) == y).mean()), "unseen_faces": int(len(y))}
 
@@ -156,7 +155,8 @@ def publish(build, root, extra):
         raise FerPipeError(f"the release would be {(len(graph) + len(weights)) / 1e6:.1f} MB, over "
                            f"{MAX_RELEASE_BYTES / 1e6:.0f} MB; add export.precision=fp16 to "
                            f"{paths.RELEASE_RECIPE}, or train fewer ensemble.members")
-    card["accuracy"]["test"].update(unseen_accuracy(build, graph, card["tta"]))
+    card["accuracy"]["test"].update(unseen_accuracy(build, graph, card["input"]["shape"][-1],
+                                                      card["tta"]))
     card["made_by"] = extra
     files.write_outputs({root / paths.RELEASE_ONNX: graph, root / paths.RELEASE_WEIGHTS: weights,
                          root / paths.RELEASE_CARD: card})
