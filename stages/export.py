@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ferpipe import files, params, paths, runtime
+from ferpipe.data import duplicates
 from ferpipe.errors import run_stage
 from ferpipe.model import networks
 from ferpipe.use import export, release
@@ -35,7 +36,10 @@ def main():
     # The release's own accuracy: the graph on onnxruntime with the views classify uses by
     # default (the card's tta, which evaluate fitted the temperature under), not evaluate's
     # PyTorch figure, which the card keeps beside it.
-    accuracy = export.release_accuracy(graph, splits, crop, calibration["tta"], rt.batch_size)
+    unseen = {name: duplicates.unseen(splits, name, IN_SPLITS) for name in ("test", "private")
+              if len(splits.get(f"{name}_y", ())) > 0}
+    accuracy = export.release_accuracy(graph, splits, crop, calibration["tta"], rt.batch_size,
+                                       unseen)
     trained_on = {"data": data["form"], "files": data["files"],
                   **{f"{name}_faces": int(len(splits[f"{name}_y"])) for name in ("train", "val", "test")}}
     made = export.Exported(graph, Path(OUT_ONNX).name, weights, Path(OUT_WEIGHTS).name, measured,
@@ -51,7 +55,9 @@ def main():
         in_torch = calibration["accuracy"].get(name, {}).get("accuracy")
         print(f"export: {OUT_ONNX} on onnxruntime, {name}: accuracy {scored['accuracy']:.4f} "
               f"({calibration['tta']}; single crop {scored['single_crop_accuracy']:.4f})"
-              + (f"; evaluate's PyTorch figure {in_torch:.4f}" if in_torch is not None else ""),
+              + (f"; evaluate's PyTorch figure {in_torch:.4f}" if in_torch is not None else "")
+              + (f"; {scored['unseen_accuracy']:.4f} on the {scored['unseen_faces']} faces with "
+                 "no copy in Training" if scored.get("unseen_accuracy") is not None else ""),
               flush=True)
 
 

@@ -288,8 +288,10 @@ def test_the_export_stage(workspace, tmp_path, capsys):
     x, y = synthetic.make_faces(4, seed=1)
     varied_cnn(ws / "models" / "cnn.pt", x)
     test_x, test_y = synthetic.make_faces(2, seed=2)
+    seen = np.arange(len(test_y)) % 3 == 0  # these PublicTest faces have a copy in Training
     files.save_npz(ws / "data" / "splits.npz", train_y=y, val_x=x, val_y=y, test_x=test_x,
-                   test_y=test_y, private_x=x[:0], private_y=y[:0])
+                   test_y=test_y, test_seen=seen, private_x=x[:0], private_y=y[:0],
+                   private_seen=np.zeros(0, bool))
     files.write_json(ws / "metrics" / "detail" / "data.json",
                      {"form": "fer2013_csv", "files": ["data/raw/x.csv"]})
     files.write_json(ws / "models" / "calibration.json", calibration_for(ws / "models" / "cnn.pt"))
@@ -313,6 +315,12 @@ def test_the_export_stage(workspace, tmp_path, capsys):
         assert card["accuracy"][name]["faces"] == len(faces_y)
         assert card["accuracy"][name]["accuracy"] == independent_accuracy(
             out / "fer_cnn.onnx", faces_x, faces_y)
+    # PublicTest without the leak: the faces with no copy in Training alone.
+    assert card["accuracy"]["test"]["unseen_faces"] == int((~seen).sum()) == 9
+    assert card["accuracy"]["test"]["unseen_accuracy"] == independent_accuracy(
+        out / "fer_cnn.onnx", test_x[~seen], test_y[~seen])
+    assert "unseen_accuracy" not in card["accuracy"]["val"]
+    assert "9 faces with no copy in Training" in proc.stdout
     assert card["pytorch_accuracy"] == calibration_for(ws / "models" / "cnn.pt")["accuracy"]
     # ... and what classify gives on those faces, one file each.
     folder = tmp_path / "val"

@@ -153,10 +153,12 @@ def parity(model, graph, images, crop, temperature, batch_size=512):
             "max_abs_diff": float(np.abs(ref - got).max())}
 
 
-def release_accuracy(graph, splits, crop, tta, batch_size=512):
+def release_accuracy(graph, splits, crop, tta, batch_size=512, unseen=None):
     """The graph's own scores on each labelled split, through onnxruntime (fp32 compute) with
     the views classify averages by default (`tta`, the card's), and the centre crop alone:
-    what `ferpipe classify --no-detect` gives on these 48x48 faces."""
+    what `ferpipe classify --no-detect` gives on these 48x48 faces. `unseen` maps a split's
+    name to its mask of faces with no copy in Training (duplicates.unseen): their accuracy
+    is the split's figure without the leak."""
     from sklearn.metrics import f1_score
 
     from ferpipe.use.release import OnnxModel
@@ -175,6 +177,10 @@ def release_accuracy(graph, splits, crop, tta, batch_size=512):
                      "macro_f1": float(f1_score(y, pred, labels=list(range(len(EMOTIONS))),
                                                 average="macro", zero_division=0)),
                      "faces": int(len(y))}
+        mask = (unseen or {}).get(name)
+        if mask is not None:
+            out[name].update(unseen_accuracy=float((pred[mask] == y[mask]).mean()) if mask.any()
+                             else None, unseen_faces=int(mask.sum()))
     return out
 
 
@@ -250,7 +256,8 @@ def card(made, model, ckpt, calibration, settings, trained_on):
         "accuracy_scored_as": f"the release: {file_name} through onnxruntime (CPU, fp32), the "
                               f"probabilities of the {tta} views averaged after the graph's "
                               "temperature, as `ferpipe classify --no-detect` gives them on "
-                              "these 48x48 faces; single_crop_accuracy: the centre crop alone",
+                              "these 48x48 faces; single_crop_accuracy: the centre crop alone; "
+                              "unseen_accuracy: the unseen_faces with no copy in Training",
         "pytorch_accuracy": calibration["accuracy"],
         "pytorch_accuracy_scored_as": "evaluate: the checkpoint in PyTorch at the precision of "
                                       f"evaluate's machine (bf16 where native), the {tta} "
