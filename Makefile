@@ -21,12 +21,18 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 install: $(VENV)/.installed
 
+# Each test runs on one thread (tests/conftest.py), so the suite runs a worker per core
+# (pytest-xdist), a module at a time per worker so that its trained fixtures are built
+# once; TEST_WORKERS=0 runs it in series, e.g. beside a training.
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The inner loop: everything but the end-to-end stage runs (marked slow).
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 demo: install
 	$(PY) -m ferpipe.tools.demo

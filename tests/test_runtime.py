@@ -91,3 +91,44 @@ def test_another_precision_is_resolved_by_the_runtime(cpu):
     assert rt.with_precision("auto").precision == "fp32"  # emulated bf16 is not chosen
     forced = rt.with_precision("bf16")
     assert (forced.precision, forced.precision_requested, forced.device) == ("bf16", "bf16", CPU)
+
+
+_HEAP_PROBE = """
+import ctypes, sys
+import torch
+from ferpipe import runtime
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "make":
+    runtime.make(device="cpu", threads=1, precision="fp32")
+mapped = libc.mallinfo2().hblkhd
+x = torch.ones(64 << 20, dtype=torch.uint8)  # an activation-sized block, 64 MiB
+mapped_for_it = libc.mallinfo2().hblkhd - mapped
+del x
+print(mapped_for_it, libc.mallinfo2().fordblks)
+"""
+
+
+def test_large_blocks_come_from_the_heap_and_stay_for_the_next_batch():
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+
+    def probe(mode):  # a fresh process: malloc's settings are per process
+        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True,
+                             text=True, check=True).stdout.split()
+        return int(out[0]), int(out[1])
+
+    block = 64 << 20
+    mapped, _ = probe("default")
+    assert mapped >= block  # glibc's own way: mapped fresh, returned when freed
+    mapped, free_in_heap = probe("make")
+    assert mapped == 0 and free_in_heap >= block  # from the heap, and kept once freed

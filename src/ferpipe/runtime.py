@@ -82,6 +82,28 @@ def set_threads(threads):
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
+# mallopt(3) parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory():
+    """Have glibc's malloc serve large blocks from its heap and keep what is freed there for
+    the next batch. By default every block over its mmap threshold (128 KiB, rising to at
+    most 32 MiB) is mapped fresh and unmapped when freed, so each activation of a batch is
+    page-faulted in anew: on a 2-core AVX2 EPYC the first convolution of a training step
+    (128 faces, 32 channels at 40x40, a 26 MB output) took 31 ms, of which 27 were page
+    faults. Kept, the default CNN trained 24% faster and scored tencrop views 2.1 times as
+    fast (docs/speed.md); the arithmetic, and so every result, is the same. The cost: the
+    process keeps its peak memory until it exits. Returns whether it applied (glibc only)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 # ---------------------------------------------------------------- the settings of one process
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +140,10 @@ class Runtime:
 
 def make(device="auto", threads=0, precision="auto", batch_size=512, log_seconds=60.0,
          processes=1):
-    """The Runtime for these settings: threads set, device picked, precision resolved."""
+    """The Runtime for these settings: threads set, freed memory kept, device picked,
+    precision resolved."""
     set_threads(threads)
+    keep_freed_memory()
     dev = pick_device(device)
     return Runtime(device=dev, precision=resolve_precision(precision, dev),
                    precision_requested=precision, threads=torch.get_num_threads(),
