@@ -90,10 +90,11 @@ def keep_freed_memory():
     """Have glibc's malloc serve large blocks from its heap and keep what is freed there for
     the next batch. By default every block over its mmap threshold (128 KiB, rising to at
     most 32 MiB) is mapped fresh and unmapped when freed, so each activation of a batch is
-    page-faulted in anew: on a 2-core AVX2 EPYC the first convolution of a training step
-    (128 faces, 32 channels at 40x40, a 26 MB output) took 31 ms, of which 27 were page
-    faults. Kept, the default CNN trained 24% faster and scored tencrop views 2.1 times as
-    fast (docs/speed.md); the arithmetic, and so every result, is the same. The cost: the
+    page-faulted in anew: on a 2-core AVX2 EPYC in fp32 the first convolution of a training
+    step (128 faces, 32 channels at 40x40, a 26 MB output) took 27-31 ms, and 3.4-4.4 ms with
+    the heap kept; the default CNN trained 3-27% faster (three alternating benchmark pairs)
+    and scored tencrop views 2.1 times as fast (docs/speed.md). The arithmetic, and so every
+    result, is the same. The cost: the
     process keeps its peak memory until it exits. Returns whether it applied (glibc only)."""
     import ctypes
     import platform
